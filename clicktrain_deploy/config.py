@@ -1,0 +1,132 @@
+"""Recipes: one TOML or YAML file with model, data, schedule, pruning and output folder.
+
+Unknown or invalid fields raise ``RecipeError`` naming the file and the dotted field path.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data import DATASETS
+from .errors import RecipeError
+from .models import MODELS
+from .pruning.config import PruningConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet20"
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelConfig":
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS.names())}")
+        return self
+
+
+class DataConfig(_Strict):
+    name: str = "fashion_mnist"
+    root: str | None = None
+    train_subset: int | None = Field(None, ge=10)
+    batch_size: int = Field(128, ge=1)
+    test_batch_size: int = Field(1000, ge=1)
+    crop_padding: int = Field(2, ge=0)
+    flip: bool = True
+    # image_folder only: resize target and planes.
+    image_size: int = Field(32, ge=8)
+    channels: Literal[1, 3] = 3
+
+    @model_validator(mode="after")
+    def _known(self) -> "DataConfig":
+        if self.name not in DATASETS:
+            raise ValueError(f"unknown dataset {self.name!r}; known: {', '.join(DATASETS.names())}")
+        if self.name == "image_folder" and not self.root:
+            raise ValueError("data.root is required for image_folder")
+        return self
+
+    def loader_options(self) -> dict:
+        """Keyword arguments the chosen loader takes beyond its root."""
+        if self.name == "image_folder":
+            return {"image_size": self.image_size, "channels": self.channels}
+        return {}
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0)
+    threads: int | None = Field(None, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole training job. ``output_dir`` is relative to the recipe file's folder."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    keep_checkpoints: int = Field(2, ge=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    pruning: PruningConfig = PruningConfig()
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> "Recipe":
+        p, epochs = self.pruning, self.schedule.epochs
+        if p.method == "clicktrain":
+            if p.select_epoch >= epochs:
+                raise ValueError(f"pruning.select_epoch ({p.select_epoch}) must be < "
+                                 f"schedule.epochs ({epochs})")
+            if not p.select_epoch <= p.hard_prune_epoch <= epochs:
+                raise ValueError(f"pruning.hard_prune_epoch ({p.hard_prune_epoch}) must be "
+                                 f"between select_epoch ({p.select_epoch}) and epochs ({epochs})")
+        return self
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(recipe)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict (``source`` names it in errors)."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(source, exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a .toml, .yaml or .yml recipe; output_dir is made absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise RecipeError(f"{path}: recipe must be .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a table of fields")
+    recipe = parse_recipe(raw, str(path))
+    recipe.output_dir = str((path.parent / recipe.output_dir).resolve())
+    return recipe

@@ -1,0 +1,192 @@
+"""Dataset loaders: Fashion-MNIST (Debian IDX files), CIFAR-10 python batches, image folders.
+
+Each loader returns an ``ImageData``: uint8 images (N, C, H, W), int64 labels (N,), class names
+and the per-channel mean/std used to normalise. Nothing is downloaded; a missing or malformed
+file raises ``DataError`` naming the path and what was expected.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+from ..registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Split:
+    """One split: images uint8 (N, C, H, W) and labels int64 (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageData:
+    """Train and test splits plus what a model needs to know about them."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def load_data(name: str, root: str | None = None, train_subset: int | None = None,
+              seed: int = 0, **options) -> ImageData:
+    """Load dataset ``name`` from ``root`` (its default when None).
+
+    ``train_subset`` keeps a class-balanced random subset of that many training images, drawn with
+    ``seed``, for short runs.
+    """
+    data = DATASETS.get(name)(root, **options) if root else DATASETS.get(name)(**options)
+    if train_subset is not None and train_subset < len(data.train):
+        data.train = _balanced_subset(data.train, train_subset, len(data.classes), seed)
+    return data
+
+
+def _balanced_subset(split: Split, size: int, num_classes: int, seed: int) -> Split:
+    rng = np.random.RandomState(seed)
+    labels = split.labels.numpy()
+    per_class = size // num_classes
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
+    index = torch.from_numpy(np.sort(np.concatenate(picked)))
+    return Split(split.images[index], split.labels[index])
+
+
+def _channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    sample = images[:5000].float() / 255.0
+    return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a gzip'd IDX file; "
+                        "install Debian's dataset-fashion-mnist or set data.root)")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{path}: not an IDX file with magic {magic:#010x}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) - header != int(np.prod(dims)):
+        raise DataError(f"{path}: holds {len(raw) - header} bytes of data, header says {dims}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(root: str = FASHION_MNIST_ROOT) -> ImageData:
+    """Fashion-MNIST: 60k/10k 1x28x28 images in 10 classes, from the four IDX .gz files."""
+    base = Path(root)
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(base / f"{prefix}-images-idx3-ubyte.gz", 0x00000803, 3)
+        labels = _read_idx(base / f"{prefix}-labels-idx1-ubyte.gz", 0x00000801, 1)
+        if len(images) != len(labels):
+            raise DataError(f"{base}: {prefix} has {len(images)} images but {len(labels)} labels")
+        splits[split] = Split(torch.from_numpy(images.copy())[:, None],
+                              torch.from_numpy(labels.astype(np.int64)))
+    return ImageData(splits["train"], splits["test"], FASHION_MNIST_CLASSES, [0.2860], [0.3530])
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected CIFAR-10's python batches folder "
+                        "'cifar-10-batches-py' with data_batch_1..5 and test_batch)")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as exc:  # pickle raises many types on a corrupt file
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+    if len(data) != len(labels):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: str = "cifar-10-batches-py") -> ImageData:
+    """CIFAR-10 from its standard python-batches folder (3x32x32, 50k/10k images)."""
+    base = Path(root)
+    parts = [_read_cifar_batch(base / f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = _read_cifar_batch(base / "test_batch")
+    train = Split(torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                  torch.from_numpy(np.concatenate([p[1] for p in parts])))
+    return ImageData(train, Split(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+                     CIFAR10_CLASSES, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+
+
+def _read_folder(base: Path, classes: list[str], size: int, channels: int) -> Split:
+    from PIL import Image, UnidentifiedImageError
+
+    mode = {1: "L", 3: "RGB"}[channels]
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (base / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(mode).resize((size, size), Image.BILINEAR)
+                    array = np.asarray(img, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{path}: not a readable image ({exc})") from None
+            images.append(array.reshape(size, size, channels).transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{base}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))} "
+                        "files in one sub-folder per class)")
+    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
+
+
+@DATASETS.register("image_folder")
+def image_folder(root: str, image_size: int = 32, channels: int = 3) -> ImageData:
+    """Users' images: ``root/train/<class>/*.png`` and ``root/test/<class>/*`` (or ``val``).
+
+    Images are converted to ``channels`` planes (1 or 3) and resized to image_size x image_size.
+    Class names come from the train sub-folders, sorted; test must have the same classes.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"{root}: channels must be 1 or 3, got {channels}")
+    base = Path(root)
+    train_dir = base / "train"
+    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"{base}: expected sub-folders 'train' and 'test' (or 'val'), "
+                        "each with one folder per class")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir}: no class folders found")
+    if test_classes != classes:
+        raise DataError(f"{test_dir}: classes {test_classes} differ from {train_dir}'s {classes}")
+    train = _read_folder(train_dir, classes, image_size, channels)
+    test = _read_folder(test_dir, classes, image_size, channels)
+    mean, std = _channel_stats(train.images)
+    return ImageData(train, test, classes, mean, std)

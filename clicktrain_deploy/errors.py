@@ -1,0 +1,21 @@
+"""Errors that name what the user must fix: a file, a recipe field or a layer."""
+
+
+class ClickTrainError(Exception):
+    """Base class: the CLI prints these as one clear line and exits non-zero."""
+
+
+class DataError(ClickTrainError):
+    """Training or test data is missing or malformed; the message names the path."""
+
+
+class RecipeError(ClickTrainError):
+    """A recipe file is unreadable or a field is invalid; the message names the field."""
+
+
+class PruningError(ClickTrainError):
+    """A pruning setting does not fit the model; the message names the layer."""
+
+
+class CheckpointError(ClickTrainError):
+    """A checkpoint is missing, truncated or from an incompatible run."""

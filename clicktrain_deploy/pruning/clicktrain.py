@@ -1,0 +1,211 @@
+"""ClickTrain: pattern + connectivity pruning during training (Zhang et al., ICS 2021).
+
+``ClickTrainPruner`` is the frontend half of the contract: it decides, per selected 3x3 conv,
+which pattern each kernel group keeps and which groups go (``LayerMask``), and keeps the weights
+on those masks. The trainer calls it at phase boundaries and around each optimizer step.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PruningError
+from .config import PruningConfig
+from .masks import LayerMask, block_sum, group_lasso, select_layer_mask
+from .patterns import PATTERN_LIBRARIES, generate_library, validate_library
+
+AUTO_BLOCK_SIZES = (16, 8, 4, 2, 1)
+
+
+@dataclass
+class PrunedLayer:
+    """A conv chosen for pruning, with its resolved block size and removal ratio."""
+
+    name: str
+    module: nn.Conv2d
+    block_size: int
+    ratio: float
+
+
+def _first_match(name: str, table: dict[str, float] | dict[str, int]):
+    return next((value for glob, value in table.items() if fnmatch.fnmatch(name, glob)), None)
+
+
+def _auto_block_size(out_channels: int) -> int:
+    return next(b for b in AUTO_BLOCK_SIZES if out_channels % b == 0)
+
+
+def _is_pattern_conv(module: nn.Conv2d) -> bool:
+    return module.kernel_size == (3, 3) and module.groups == 1
+
+
+def resolve_layers(model: nn.Module, config: PruningConfig) -> list[PrunedLayer]:
+    """The convs that ``config`` selects, in module order, with block size and ratio each.
+
+    Wildcard globs skip convs that cannot take 3x3 patterns (1x1 shortcuts, depthwise); naming
+    such a conv exactly is an error, as is a glob that selects nothing.
+    """
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    first = convs[0][0] if convs and config.skip_first_conv else None
+    layers: list[PrunedLayer] = []
+    for name, module in convs:
+        if not any(fnmatch.fnmatch(name, g) for g in config.include):
+            continue
+        if any(fnmatch.fnmatch(name, g) for g in config.exclude) or name == first:
+            continue
+        if not _is_pattern_conv(module):
+            if name in config.include:
+                raise PruningError(f"layer {name!r}: kernel {module.kernel_size}, groups "
+                                   f"{module.groups}; only 3x3 convs with groups=1 take patterns")
+            continue
+        block = _first_match(name, config.layer_block_sizes) or config.block_size
+        block = _auto_block_size(module.out_channels) if block == "auto" else min(block, module.out_channels)
+        ratio = _first_match(name, config.layer_ratios)
+        layers.append(PrunedLayer(name, module, block, config.connectivity_ratio if ratio is None else ratio))
+    names = [layer.name for layer in layers]
+    for field, globs in (("include", config.include), ("layer_ratios", config.layer_ratios),
+                         ("layer_block_sizes", config.layer_block_sizes)):
+        for glob in globs:
+            if not any(fnmatch.fnmatch(n, glob) for n in names):
+                raise PruningError(f"pruning.{field}: {glob!r} selects no prunable 3x3 conv; "
+                                   f"convs in the model: {', '.join(n for n, _ in convs)}")
+    if not layers:
+        raise PruningError("pruning selects no layer: the model has no prunable 3x3 conv")
+    return layers
+
+
+def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
+                        batches: Iterable[tuple[Tensor, Tensor]],
+                        loss_fn: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """Per-weight importance sum over batches of (w * dL/dw)^2, float (C_out, C_in, 3, 3) each.
+
+    Gradients are taken in training mode (as during training); BatchNorm running statistics are
+    restored afterwards, so the estimate leaves the model exactly as it found it.
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    importance = {layer.name: torch.zeros_like(layer.module.weight) for layer in layers}
+    for inputs, labels in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), labels).backward()
+        for layer in layers:
+            weight = layer.module.weight
+            importance[layer.name] += (weight.detach() * weight.grad).pow(2)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    model.train(was_training)
+    return importance
+
+
+class ClickTrainPruner:
+    """Selects masks once, regularizes toward them, then keeps weights on them.
+
+    Usage by a training loop: ``select`` at the start of ``config.select_epoch``; add
+    ``penalty()`` to the loss while ``phase(epoch) == "regularize"``; ``harden(optimizer)`` at the
+    start of ``config.hard_prune_epoch`` and ``enforce(optimizer)`` after every step from then on.
+    """
+
+    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+        self.config = config
+        self.layers = resolve_layers(model, config)
+        self.library: Tensor | None = None
+        self.masks: dict[str, LayerMask] = {}
+        self.hard = False
+        self._mask_tensors: dict[str, Tensor] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def selected(self) -> bool:
+        return bool(self.masks)
+
+    def phase(self, epoch: int) -> str:
+        """'dense', 'regularize' or 'hard' for a (0-based) epoch."""
+        if epoch >= self.config.hard_prune_epoch:
+            return "hard"
+        return "regularize" if epoch >= self.config.select_epoch else "dense"
+
+    def select(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Estimate importance over ``batches``, build or take the library, choose every mask."""
+        importance = estimate_importance(model, self.layers, batches, loss_fn)
+        if self.config.patterns == "dynamic":
+            groups = [_group_tap_importance(importance[l.name], l.block_size) for l in self.layers]
+            library = generate_library(groups, self.config.library_size, self.config.require_centre)
+        else:
+            library = PATTERN_LIBRARIES.get(self.config.patterns)()
+        self.library = validate_library(library)
+        self.masks = {l.name: select_layer_mask(importance[l.name], library, l.block_size, l.ratio)
+                      for l in self.layers}
+        self._cache_masks()
+
+    def penalty(self) -> Tensor:
+        """lasso * group lasso of every weight the masks will remove (a scalar with grad)."""
+        total = sum(group_lasso(l.module.weight, 1.0 - self._mask_tensors[l.name], l.block_size)
+                    for l in self.layers)
+        return self.config.lasso * total
+
+    @torch.no_grad()
+    def harden(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the removed weights and their optimizer state; mask their gradients from now on."""
+        self.hard = True
+        self.enforce(optimizer)
+        self._register_gradient_masks()
+
+    @torch.no_grad()
+    def enforce(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the weights, and any optimizer state shaped like them, back on the masks."""
+        for layer in self.layers:
+            mask = self._mask_tensors[layer.name]
+            weight = layer.module.weight
+            weight.mul_(mask)
+            for value in optimizer.state.get(weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == weight.shape:
+                    value.mul_(mask)
+
+    def state_dict(self) -> dict:
+        """Library, masks and phase; enough to rebuild the pruner on the same model."""
+        return {
+            "library": self.library,
+            "hard": self.hard,
+            "masks": {name: {"block_size": m.block_size, "pattern_ids": m.pattern_ids}
+                      for name, m in self.masks.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.library = state["library"]
+        self.masks = {}
+        for layer in self.layers:
+            if not state["masks"]:
+                break
+            entry = state["masks"].get(layer.name)
+            if entry is None or entry["block_size"] != layer.block_size:
+                raise PruningError(f"layer {layer.name!r}: the saved masks do not match the recipe")
+            self.masks[layer.name] = LayerMask(layer.module.out_channels, entry["block_size"],
+                                               entry["pattern_ids"])
+        if self.masks:
+            self._cache_masks()
+        if state["hard"] and not self.hard:
+            self.hard = True
+            self._register_gradient_masks()
+
+    def _cache_masks(self) -> None:
+        assert self.library is not None
+        self._mask_tensors = {name: m.dense(self.library) for name, m in self.masks.items()}
+
+    def _register_gradient_masks(self) -> None:
+        for layer in self.layers:
+            mask = self._mask_tensors[layer.name]
+            self._hooks.append(layer.module.weight.register_hook(lambda g, m=mask: g * m))
+
+
+def _group_tap_importance(importance: Tensor, block_size: int) -> Tensor:
+    """(C_out, C_in, 3, 3) -> per (block, input channel) group, per tap: (G, 9)."""
+    out_channels, in_channels = importance.shape[:2]
+    return block_sum(importance.reshape(out_channels, in_channels, 9), block_size).reshape(-1, 9)

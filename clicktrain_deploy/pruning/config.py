@@ -1,0 +1,75 @@
+"""Settings of pattern + connectivity pruning (the ``[pruning]`` table of a recipe)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .patterns import PATTERN_LIBRARIES
+
+
+class PruningConfig(BaseModel):
+    """What to prune, how hard, and when (epochs count from 0).
+
+    Phases: dense warm-up until ``select_epoch``; at its start, importance is estimated and the
+    masks chosen; group lasso (``lasso``) pulls the weights to be removed toward zero until
+    ``hard_prune_epoch``; from then on the masks are enforced after every optimizer step.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["clicktrain", "dense"] = "clicktrain"
+    # Which convs: shell globs over module names; only 3x3 convs (groups=1) are pruned.
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    skip_first_conv: bool = True
+    # How hard: share of kernel groups removed per layer, layer-wide ranking.
+    connectivity_ratio: float = Field(0.72, ge=0.0, lt=1.0)
+    layer_ratios: dict[str, float] = {}
+    # Output-channel block size B (kernels of one block share pattern and connectivity);
+    # "auto" = 16 where it divides C_out, else the largest of 8, 4, 2, 1 that does.
+    block_size: int | Literal["auto"] = "auto"
+    layer_block_sizes: dict[str, int] = {}
+    # Patterns: "dynamic" generates library_size patterns from the model's own importance;
+    # a registered name (clicktrain4/8/12) uses that fixed library.
+    patterns: str = "dynamic"
+    library_size: int = Field(8, ge=1, le=126)
+    require_centre: bool = True
+    # When: epochs, and how many batches the importance estimate sums over.
+    select_epoch: int = Field(2, ge=0)
+    hard_prune_epoch: int = Field(4, ge=0)
+    importance_batches: int = Field(8, ge=1)
+    lasso: float = Field(5e-3, ge=0.0)
+    # Mixup (alpha) in the hard-pruning phase, as the authors' code does; 0 = off.
+    mixup_alpha: float = Field(0.0, ge=0.0)
+
+    @field_validator("patterns")
+    @classmethod
+    def _known_library(cls, value: str) -> str:
+        if value != "dynamic" and value not in PATTERN_LIBRARIES:
+            known = ", ".join(["dynamic", *PATTERN_LIBRARIES.names()])
+            raise ValueError(f"unknown pattern library {value!r}; known: {known}")
+        return value
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for glob, ratio in value.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"ratio for {glob!r} must be in [0, 1), got {ratio}")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"block_size must be >= 1 or 'auto', got {value}")
+        return value
+
+    @field_validator("layer_block_sizes")
+    @classmethod
+    def _blocks_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        for glob, size in value.items():
+            if size < 1:
+                raise ValueError(f"block size for {glob!r} must be >= 1, got {size}")
+        return value

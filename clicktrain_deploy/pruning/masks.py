@@ -1,0 +1,99 @@
+"""Per-layer pattern/connectivity masks: the contract between training and the compiler.
+
+A pruned 3x3 conv with weight (C_out, C_in, 3, 3) and block size B is described by
+``pattern_ids`` int64 (ceil(C_out / B), C_in): entry (b, c) is the library index of the pattern
+that the B kernels of output block b (channels b*B .. b*B+B-1) use on input channel c, or
+``REMOVED`` when all B kernels are gone. B = 1 is the original per-kernel method. The last block
+may be shorter when B does not divide C_out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .patterns import TAPS
+
+REMOVED = -1
+
+
+@dataclass
+class LayerMask:
+    """Pattern and connectivity of one pruned conv; see the module docstring for the layout."""
+
+    out_channels: int
+    block_size: int
+    pattern_ids: Tensor
+
+    @property
+    def in_channels(self) -> int:
+        return self.pattern_ids.shape[1]
+
+    def kernel_pattern_ids(self) -> Tensor:
+        """Pattern id of every kernel: int64 (C_out, C_in), ``REMOVED`` for removed kernels."""
+        return self.pattern_ids.repeat_interleave(self.block_size, 0)[: self.out_channels]
+
+    def dense(self, library: Tensor) -> Tensor:
+        """The 0/1 weight mask, float32 (C_out, C_in, 3, 3)."""
+        ids = self.kernel_pattern_ids()
+        taps = library[ids.clamp_min(0)] & (ids != REMOVED)[..., None]
+        return taps.view(self.out_channels, self.in_channels, 3, 3).float()
+
+    def block_sizes(self) -> Tensor:
+        """Number of output channels in each block: int64 (ceil(C_out / B),)."""
+        sizes = torch.full((self.pattern_ids.shape[0],), self.block_size, dtype=torch.int64)
+        sizes[-1] = self.out_channels - self.block_size * (len(sizes) - 1)
+        return sizes
+
+    def kept_fraction(self) -> float:
+        """Share of kernels kept (not removed)."""
+        kept = ((self.pattern_ids != REMOVED) * self.block_sizes()[:, None]).sum()
+        return float(kept) / (self.out_channels * self.in_channels)
+
+
+def block_sum(tensor: Tensor, block_size: int) -> Tensor:
+    """Sum dim 0 (C_out) over blocks of ``block_size``: (C_out, ...) -> (ceil(C_out/B), ...)."""
+    blocks = math.ceil(tensor.shape[0] / block_size)
+    padding = blocks * block_size - tensor.shape[0]
+    if padding:
+        tensor = torch.cat([tensor, tensor.new_zeros((padding, *tensor.shape[1:]))])
+    return tensor.view(blocks, block_size, *tensor.shape[1:]).sum(1)
+
+
+def removal_count(groups: int, ratio: float) -> int:
+    """Groups to remove for a ratio: ceil(ratio * groups), as the paper's code counts."""
+    return min(groups, math.ceil(round(ratio * groups, 9)))
+
+
+def select_layer_mask(importance: Tensor, library: Tensor, block_size: int, ratio: float) -> LayerMask:
+    """Choose patterns and removed kernel groups of one layer from its importance.
+
+    importance: float (C_out, C_in, 3, 3), per-weight sum of (w * dL/dw)^2.
+    library: bool (K, 9). Each (block, input channel) group takes the pattern that keeps most of
+    the block's summed importance; the ``ratio`` share of groups with the least total importance,
+    ranked layer-wide, is removed (ties broken by position, so the choice is deterministic).
+    """
+    out_channels, in_channels = importance.shape[:2]
+    group = block_sum(importance.reshape(out_channels, in_channels, TAPS).double(), block_size)
+    pattern_ids = (group @ library.double().T).argmax(-1)  # (G_out, C_in)
+    group_importance = group.sum(-1).flatten()
+    order = torch.argsort(group_importance, stable=True)
+    removed = order[: removal_count(len(order), ratio)]
+    flat = pattern_ids.flatten()
+    flat[removed] = REMOVED
+    return LayerMask(out_channels, block_size, flat.view_as(pattern_ids))
+
+
+def group_lasso(weight: Tensor, removal: Tensor, block_size: int) -> Tensor:
+    """Group lasso on the weights a mask will remove, one group per (block, input channel).
+
+    weight: (C_out, C_in, 3, 3); removal: 0/1 same shape, 1 where the mask removes. Each group's
+    L2 norm sqrt(sum w^2 + 1e-8) is scaled by sqrt(block length) so the pull per weight does not
+    depend on B; with B = 1 this is ClickTrain's per-kernel penalty.
+    """
+    squares = block_sum((weight * removal).pow(2).sum((2, 3)), block_size)  # (G_out, C_in)
+    sizes = torch.full((squares.shape[0], 1), float(block_size), device=weight.device)
+    sizes[-1] = weight.shape[0] - block_size * (squares.shape[0] - 1)
+    return (squares.add(1e-8).sqrt() * sizes.sqrt()).sum()

@@ -1,0 +1,234 @@
+"""The training loop: dense warm-up, selection, group lasso, hard pruning; resumable per epoch."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from ..config import Recipe
+from ..data import BatchIterator, ImageData, load_data
+from ..errors import CheckpointError, RecipeError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..models import create_model
+from ..pruning.clicktrain import ClickTrainPruner
+from ..pruning.report import SparsityReport, sparsity_report
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced; files are under ``output_dir``."""
+
+    output_dir: Path
+    checkpoint: Path
+    test_accuracy: float
+    report: SparsityReport
+    metrics: list[dict]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR multiplier: cosine to 0 over the run, step decay at milestones, or constant."""
+    s = recipe.schedule
+    total = s.epochs * steps_per_epoch
+    if s.lr_schedule == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
+    elif s.lr_schedule == "multistep":
+        factor = lambda step: s.gamma ** sum(step >= m * steps_per_epoch for m in s.milestones)  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def evaluate(model: nn.Module, batches: BatchIterator) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (%) over a whole split."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for inputs, labels in batches.epoch(0):
+            logits = model(inputs)
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+            count += len(labels)
+    return loss / count, 100.0 * correct / count
+
+
+def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Generator,
+           rng: np.random.RandomState) -> tuple[Tensor, Tensor, float]:
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(len(inputs), generator=generator)
+    return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
+
+
+def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
+    current, before = recipe.model_dump(), saved["recipe"]
+    diffs = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
+             for key in current[section] if current[section][key] != before[section].get(key)]
+    diffs += [key for key in current if not isinstance(current[key], dict)
+              and key not in ("output_dir",) and current[key] != before.get(key)]
+    diffs = [d for d in diffs if d != "schedule.threads"]
+    if diffs:
+        raise CheckpointError(f"{path}: recipe differs from the one it was trained with in "
+                              f"{', '.join(diffs)}; resume with the same recipe")
+
+
+class _Run:
+    """State of one training run: model, optimizer, pruner, data, metrics."""
+
+    def __init__(self, recipe: Recipe, data: ImageData) -> None:
+        self.recipe = recipe
+        self.data_info = {"classes": data.classes, "input_shape": list(data.input_shape),
+                          "mean": data.mean, "std": data.std}
+        torch.manual_seed(recipe.seed)
+        self.model = create_model(recipe.model.name, len(data.classes), data.input_shape[0])
+        d = recipe.data
+        self.train_batches = BatchIterator(data.train, d.batch_size, data.mean, data.std, train=True,
+                                           seed=recipe.seed, crop_padding=d.crop_padding, flip=d.flip)
+        if len(self.train_batches) == 0:
+            raise RecipeError(f"data.batch_size ({d.batch_size}) is larger than the "
+                              f"{len(data.train)} training images")
+        self.test_batches = BatchIterator(data.test, d.test_batch_size, data.mean, data.std, train=False)
+        s = recipe.schedule
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
+                                         weight_decay=s.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, recipe, len(self.train_batches))
+        self.pruner = (ClickTrainPruner(self.model, recipe.pruning)
+                       if recipe.pruning.method == "clicktrain" else None)
+        self.metrics: list[dict] = []
+        self.start_epoch = 0
+
+    def state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "recipe": self.recipe.model_dump(),
+            "data": self.data_info,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner else None,
+            "rng": torch.get_rng_state(),
+            "metrics": self.metrics,
+        }
+
+    def restore(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.pruner:
+            self.pruner.load_state_dict(saved["pruner"])
+        torch.set_rng_state(saved["rng"])
+        self.metrics = saved["metrics"]
+        self.start_epoch = saved["epoch"] + 1
+
+    def report(self) -> SparsityReport:
+        if self.pruner is None:
+            return sparsity_report(self.model, {}, None)
+        return sparsity_report(self.model, self.pruner.masks, self.pruner.library)
+
+    def train_epoch(self, epoch: int, progress: Progress, task) -> dict:
+        recipe, pruner = self.recipe, self.pruner
+        phase = pruner.phase(epoch) if pruner else "dense"
+        if pruner and phase != "dense" and not pruner.selected:
+            limit = recipe.pruning.importance_batches
+            pruner.select(self.model, self.train_batches.epoch(epoch, limit=limit),
+                          nn.functional.cross_entropy)
+        if pruner and phase == "hard" and not pruner.hard:
+            pruner.harden(self.optimizer)
+        mixup = pruner is not None and phase == "hard" and recipe.pruning.mixup_alpha > 0
+        generator = torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
+        rng = np.random.RandomState(recipe.seed * 7_919 + epoch)
+        sparsity = 1.0 - 1.0 / self.report().compression["pruned_layers"] if pruner and pruner.hard else 0.0
+        self.model.train()
+        loss_sum, penalty_sum, correct, count = 0.0, 0.0, 0, 0
+        progress.reset(task, total=len(self.train_batches), description=f"epoch {epoch} {phase}")
+        started = time.perf_counter()
+        for inputs, labels in self.train_batches.epoch(epoch):
+            if mixup:
+                mixed, other, lam = _mixup(inputs, labels, recipe.pruning.mixup_alpha, generator, rng)
+                logits = self.model(mixed)
+                loss = (lam * nn.functional.cross_entropy(logits, labels)
+                        + (1 - lam) * nn.functional.cross_entropy(logits, other))
+            else:
+                logits = self.model(inputs)
+                loss = nn.functional.cross_entropy(logits, labels)
+            total = loss
+            if pruner and phase == "regularize":
+                penalty = pruner.penalty()
+                total = loss + penalty
+                penalty_sum += float(penalty.detach()) * len(labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            if pruner and pruner.hard:
+                pruner.enforce(self.optimizer)
+            self.scheduler.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            count += len(labels)
+            progress.update(task, advance=1, stats=f"loss {loss_sum / count:.3f} "
+                            f"acc {100 * correct / count:5.2f}% sparsity {100 * sparsity:4.1f}%")
+        train_seconds = time.perf_counter() - started
+        test_loss, test_acc = evaluate(self.model, self.test_batches)
+        report = self.report()
+        return {
+            "epoch": epoch, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / count, "train_accuracy": 100 * correct / count,
+            "lasso_penalty": penalty_sum / count, "test_loss": test_loss, "test_accuracy": test_acc,
+            "pruned_layer_compression": report.compression["pruned_layers"],
+            "paper_conv_compression": report.compression["paper_convs"],
+            "epoch_seconds": train_seconds,
+        }
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          console: Console | None = None) -> TrainResult:
+    """Train ``recipe`` to the end, writing checkpoints, metrics and a sparsity report.
+
+    Files in ``recipe.output_dir``: ``checkpoints/epoch-NNNN.pt`` (newest ``keep_checkpoints``),
+    ``metrics.jsonl`` (one line per epoch) and ``sparsity.json`` (final report). With ``resume``,
+    training continues after the newest checkpoint with identical masks and batches; without it,
+    an output folder that already holds checkpoints is an error, so nothing is overwritten.
+    """
+    console = console or Console(stderr=True)
+    output = Path(recipe.output_dir)
+    existing = list_checkpoints(output)
+    if existing and not resume:
+        raise CheckpointError(f"{output}: already holds checkpoints; pass --resume to continue "
+                              "or choose another output_dir")
+    if recipe.schedule.threads:
+        torch.set_num_threads(recipe.schedule.threads)
+    d = recipe.data
+    data = load_data(d.name, d.root, d.train_subset, recipe.seed, **d.loader_options())
+    run = _Run(recipe, data)
+    if existing:
+        saved = load_checkpoint(existing[-1])
+        _check_resumable(recipe, saved, saved["path"])
+        run.restore(saved)
+        console.print(f"resuming after epoch {saved['epoch']} from {saved['path']}")
+    checkpoint = existing[-1] if existing else None
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("", total=1, stats="")
+        for epoch in range(run.start_epoch, recipe.schedule.epochs):
+            row = run.train_epoch(epoch, bar, task)
+            run.metrics.append(row)
+            checkpoint = save_checkpoint(output, epoch, run.state(epoch), recipe.keep_checkpoints)
+            atomic_write_text(output / "metrics.jsonl",
+                              "".join(json.dumps(m) + "\n" for m in run.metrics))
+            bar.console.print(
+                f"epoch {epoch:3d} {row['phase']:10s} loss {row['train_loss']:.4f} "
+                f"test acc {row['test_accuracy']:6.2f}%  compression "
+                f"{row['paper_conv_compression']:.2f}x  {row['epoch_seconds']:.1f}s")
+    report = run.report()
+    atomic_write_json(output / "sparsity.json", report.to_dict())
+    assert checkpoint is not None
+    return TrainResult(output, Path(checkpoint), run.metrics[-1]["test_accuracy"], report, run.metrics)

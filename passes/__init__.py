@@ -1,0 +1,1 @@
+"""Graph passes between stages: ONNX passes (onnx-graphsurgeon) and TVM Relax passes."""
