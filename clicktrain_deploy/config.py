@@ -67,6 +67,9 @@ class ScheduleConfig(_Strict):
     milestones: list[int] = []
     gamma: float = Field(0.1, gt=0)
     threads: int | None = Field(None, ge=1)
+    # Before each evaluation, recompute BatchNorm statistics over this many training batches
+    # (0 = off); only evaluation sees them, so training itself is unchanged.
+    bn_recalibration_batches: int = Field(20, ge=0)
 
 
 class Recipe(_Strict):

@@ -61,6 +61,25 @@ def evaluate(model: nn.Module, batches: BatchIterator) -> tuple[float, float]:
     return loss / count, 100.0 * correct / count
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Recompute BatchNorm running statistics as plain averages over ``batches``.
+
+    Running statistics only serve evaluation, so this leaves training untouched; it matters after
+    the hard prune, when the exponential averages still remember the unpruned activations.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for inputs, _ in batches:
+        model(inputs)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
 def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Generator,
            rng: np.random.RandomState) -> tuple[Tensor, Tensor, float]:
     lam = float(rng.beta(alpha, alpha))
@@ -176,6 +195,9 @@ class _Run:
             progress.update(task, advance=1, stats=f"loss {loss_sum / count:.3f} "
                             f"acc {100 * correct / count:5.2f}% sparsity {100 * sparsity:4.1f}%")
         train_seconds = time.perf_counter() - started
+        if recipe.schedule.bn_recalibration_batches:
+            recalibrate_batchnorm(self.model, self.train_batches.epoch(
+                epoch, limit=recipe.schedule.bn_recalibration_batches))
         test_loss, test_acc = evaluate(self.model, self.test_batches)
         report = self.report()
         return {
