@@ -87,3 +87,83 @@ def report(
         print(json.dumps(result.to_dict(), indent=2))
         return
     _print_report(result)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder or checkpoint file")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write")],
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    check_images: Annotated[int, typer.Option(help="real test images for the onnxruntime gate")] = 256,
+    metadata: Annotated[bool, typer.Option(help="embed pattern metadata")] = True,
+) -> None:
+    """Export a trained run to ONNX (BN folded, pattern metadata), gated in onnxruntime."""
+    from .export.onnx_export import export_onnx
+
+    try:
+        result = export_onnx(run, output, opset=opset, check_images=check_images,
+                             with_metadata=metadata)
+    except ClickTrainError as error:
+        _fail(error)
+    a = result.agreement
+    layers = len(result.metadata.layers) if result.metadata else 0
+    console.print(f"wrote {result.path}: {layers} pattern-pruned convs described; onnxruntime vs "
+                  f"PyTorch on {a.images} test images: max |diff| {a.max_abs_diff:.2e}, "
+                  f"top-1 agreement {a.top1_agreement:.2f}%")
+
+
+@app.command()
+def validate(
+    model: Annotated[Path, typer.Argument(help="ONNX file")],
+    checkpoint: Annotated[Path, typer.Option(help="run folder or checkpoint it was exported from")],
+    images: Annotated[int, typer.Option(help="real test images to compare on")] = 10000,
+    atol: Annotated[float, typer.Option(help="absolute logit tolerance")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="tolerance relative to the largest |logit|")] = 1e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """onnxruntime against PyTorch on real test images; exit 1 beyond tolerance."""
+    from .export.check import compare_with_torch
+    from .export.onnx_export import load_onnx, reference_batches
+    from .passes.onnx_passes import verify
+
+    try:
+        proto = load_onnx(model)
+        verify(proto)
+        saved = load_checkpoint(checkpoint)
+        torch_model, _ = restore_model(saved)
+        agreement = compare_with_torch(proto.SerializeToString(), torch_model,
+                                       reference_batches(saved, images).epoch(0))
+    except ClickTrainError as error:
+        _fail(error)
+    passed = agreement.within(atol, rtol)
+    if as_json:
+        print(json.dumps({**agreement.to_dict(), "atol": atol, "rtol": rtol, "passed": passed}))
+    else:
+        a = agreement
+        console.print(f"{a.images} test images: max |diff| {a.max_abs_diff:.2e} (largest |logit| "
+                      f"{a.max_abs_logit:.2f}), top-1 agreement {a.top1_agreement:.2f}%, accuracy "
+                      f"PyTorch {a.torch_accuracy:.2f}% / onnxruntime {a.onnxruntime_accuracy:.2f}%")
+        console.print("[green]PASS[/]" if passed else
+                      f"[bold red]FAIL[/]: beyond {atol} + {rtol} * {a.max_abs_logit:.2f}")
+    if not passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="ONNX file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Per-layer density, kernels kept, pattern use and compression of an ONNX model."""
+    from .export.onnx_export import inspect_onnx, load_onnx
+
+    try:
+        result, metadata = inspect_onnx(load_onnx(model))
+    except ClickTrainError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "has_pattern_metadata": metadata is not None}, indent=2))
+        return
+    if metadata is None:
+        console.print(f"{model}: no pattern metadata; treated as dense")
+    _print_report(result)

@@ -1,6 +1,6 @@
 """VGG-11/16 with BatchNorm, as in ClickTrain's CIFAR code (3-layer classifier with dropout).
 
-Max-pools are skipped once the feature map is 1x1, so small inputs (28x28) work too.
+Pools use ceil mode, so odd and small maps (28x28 input: 28-14-7-4-2-1) stay valid.
 """
 from __future__ import annotations
 

@@ -120,3 +120,13 @@ def test_cli_names_the_bad_field(tmp_path):
     assert result.returncode == 2
     assert "bad.toml: pruning.select_epoch" in result.stdout.replace("\n", "")
     assert not (tmp_path / "runs").exists()
+
+
+def test_fixed_library_with_mixup_and_per_kernel_blocks(tmp_path):
+    recipe = small_recipe(tmp_path, schedule={"epochs": 3},
+                          pruning={"patterns": "clicktrain4", "block_size": 1, "mixup_alpha": 0.3})
+    result = train(parse_recipe(recipe), progress=False)
+    assert result.report.library == ["...|.XX|.XX", "...|XX.|XX.", ".XX|.XX|...", "XX.|XX.|..."]
+    for layer in result.report.layers:
+        assert layer.block_size == 1
+        assert sum(layer.pattern_histogram.values()) == layer.kernels_kept

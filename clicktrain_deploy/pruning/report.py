@@ -54,32 +54,37 @@ def _ratio(total: int, nonzeros: int) -> float:
     return total / nonzeros if nonzeros else (1.0 if total == 0 else float("inf"))
 
 
+def layer_report(name: str, weight: torch.Tensor, mask: LayerMask, library: torch.Tensor) -> LayerReport:
+    """Figures of one pruned conv: weight (C_out, C_in, 3, 3) as stored, mask as stated."""
+    ids = mask.kernel_pattern_ids()
+    counts = torch.bincount(ids[ids != REMOVED], minlength=len(library))
+    histogram = {format_pattern(library[i]): int(c) for i, c in enumerate(counts)}
+    return LayerReport(name, list(weight.shape), mask.block_size, weight.numel(),
+                       int(weight.ne(0).sum()), ids.numel(),
+                       int(weight.flatten(2).ne(0).any(-1).sum()), histogram)
+
+
+def build_report(layers: list[LayerReport], convs: list[torch.Tensor], parameters: list[torch.Tensor],
+                 library: torch.Tensor | None) -> SparsityReport:
+    """Whole-model figures from pruned-layer reports, every conv weight and every parameter."""
+    def count(tensors):
+        return sum(t.numel() for t in tensors), sum(int(t.ne(0).sum()) for t in tensors)
+
+    compression = {
+        "pruned_layers": _ratio(sum(l.weights for l in layers), sum(l.nonzeros for l in layers)),
+        "paper_convs": _ratio(*count([w for w in convs if tuple(w.shape[2:]) != (1, 1)])),
+        "all_convs": _ratio(*count(convs)),
+        "all_weights": _ratio(*count(parameters)),
+    }
+    library_text = [format_pattern(p) for p in library] if library is not None else []
+    return SparsityReport(layers, library_text, compression)
+
+
 def sparsity_report(model: nn.Module, masks: dict[str, LayerMask],
                     library: torch.Tensor | None) -> SparsityReport:
     """Measure ``model``; ``masks`` (may be empty before selection) name the pruned layers."""
     modules = dict(model.named_modules())
-    layers = []
-    for name, mask in masks.items():
-        weight = modules[name].weight.detach()
-        kernel_nonzero = weight.flatten(2).ne(0).any(-1)
-        ids = mask.kernel_pattern_ids()
-        counts = torch.bincount(ids[ids != REMOVED], minlength=len(library))
-        histogram = {format_pattern(library[i]): int(c) for i, c in enumerate(counts)}
-        layers.append(LayerReport(name, list(weight.shape), mask.block_size, weight.numel(),
-                                  int(weight.ne(0).sum()), ids.numel(),
-                                  int(kernel_nonzero.sum()), histogram))
-    totals = {"pruned_layers": [0, 0], "paper_convs": [0, 0], "all_convs": [0, 0],
-              "all_weights": [0, 0]}
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            scopes = ["all_convs"] + (["paper_convs"] if module.kernel_size != (1, 1) else [])
-            for scope in scopes:
-                totals[scope][0] += module.weight.numel()
-                totals[scope][1] += int(module.weight.ne(0).sum())
-    for p in model.parameters():
-        totals["all_weights"][0] += p.numel()
-        totals["all_weights"][1] += int(p.ne(0).sum())
-    totals["pruned_layers"] = [sum(l.weights for l in layers), sum(l.nonzeros for l in layers)]
-    compression = {scope: _ratio(*pair) for scope, pair in totals.items()}
-    library_text = [format_pattern(p) for p in library] if library is not None else []
-    return SparsityReport(layers, library_text, compression)
+    layers = [layer_report(name, modules[name].weight.detach(), mask, library)
+              for name, mask in masks.items()]
+    convs = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return build_report(layers, convs, [p.detach() for p in model.parameters()], library)

@@ -88,12 +88,18 @@ def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Genera
 
 
 def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
+    """Refuse to resume under a recipe that would train differently from the saved one."""
+    ignored = {"output_dir", "keep_checkpoints", "schedule.threads"}
+    if recipe.pruning.method == "dense" == saved["recipe"]["pruning"]["method"]:
+        ignored |= {f"pruning.{key}" for key in recipe.pruning.model_fields}
     current, before = recipe.model_dump(), saved["recipe"]
-    diffs = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
-             for key in current[section] if current[section][key] != before[section].get(key)]
-    diffs += [key for key in current if not isinstance(current[key], dict)
-              and key not in ("output_dir",) and current[key] != before.get(key)]
-    diffs = [d for d in diffs if d != "schedule.threads"]
+    diffs = []
+    for key, value in current.items():
+        if isinstance(value, dict):
+            diffs += [f"{key}.{k}" for k, v in value.items() if v != before[key].get(k)]
+        elif value != before.get(key):
+            diffs.append(key)
+    diffs = [d for d in diffs if d not in ignored]
     if diffs:
         raise CheckpointError(f"{path}: recipe differs from the one it was trained with in "
                               f"{', '.join(diffs)}; resume with the same recipe")
