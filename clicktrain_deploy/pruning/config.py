@@ -69,7 +69,7 @@ class PruningConfig(BaseModel):
     @field_validator("layer_block_sizes")
     @classmethod
     def _blocks_positive(cls, value: dict[str, int]) -> dict[str, int]:
-        for glob, size in value.items():
-            if size < 1:
-                raise ValueError(f"block size for {glob!r} must be >= 1, got {size}")
+        bad = {glob: size for glob, size in value.items() if size < 1}
+        if bad:
+            raise ValueError(f"block sizes must be >= 1, got {bad}")
         return value
