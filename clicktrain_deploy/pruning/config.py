@@ -36,10 +36,10 @@ class PruningConfig(BaseModel):
     library_size: int = Field(8, ge=1, le=126)
     require_centre: bool = True
     # When: epochs, and how many batches the importance estimate sums over.
-    select_epoch: int = Field(2, ge=0)
-    hard_prune_epoch: int = Field(4, ge=0)
+    select_epoch: int = Field(1, ge=0)
+    hard_prune_epoch: int = Field(3, ge=0)
     importance_batches: int = Field(8, ge=1)
-    lasso: float = Field(5e-3, ge=0.0)
+    lasso: float = Field(1e-2, ge=0.0)
     # Mixup (alpha) in the hard-pruning phase, as the authors' code does; 0 = off.
     mixup_alpha: float = Field(0.0, ge=0.0)
 
