@@ -167,3 +167,26 @@ def inspect(
     if metadata is None:
         console.print(f"{model}: no pattern metadata; treated as dense")
     _print_report(result)
+
+
+@app.command("compile")
+def compile_(
+    model: Annotated[Path, typer.Argument(help="ONNX file from `export`")],
+    target: Annotated[str, typer.Option("--target", "-t", help="x86, arm64, cortex-a72, cortex-a76")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".so to write (manifest beside it)")],
+    dense: Annotated[bool, typer.Option(help="ignore the pattern metadata: our dense build")] = False,
+) -> None:
+    """Compile an exported model with TVM into a deployable library and a JSON manifest."""
+    from .compile.build import compile_model
+    from .compile.targets import TARGETS
+
+    try:
+        if target not in TARGETS:
+            raise ClickTrainError(f"--target {target!r}: unknown; known: {', '.join(TARGETS.names())}")
+        result = compile_model(model, target, output, sparse=not dense)
+    except ClickTrainError as error:
+        _fail(error)
+    kernels = [layer["kernel"] for layer in result.manifest["layers"] if layer["op"] == "conv"]
+    counts = ", ".join(f"{kernels.count(k)} {k}" for k in sorted(set(kernels)))
+    console.print(f"wrote {result.library} and {result.library.with_suffix('.json').name} for "
+                  f"{result.manifest['target']} in {result.manifest['compile_seconds']:.1f}s; convs: {counts}")

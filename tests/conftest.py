@@ -37,3 +37,13 @@ def small_recipe(output_dir: Path, **overrides) -> dict:
         else:
             recipe[section] = values
     return recipe
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A ClickTrain run (B=4, 3 epochs on real images) and its ONNX export."""
+    from clicktrain_deploy import export_onnx, parse_recipe, train
+
+    out = tmp_path_factory.mktemp("export")
+    run = train(parse_recipe(small_recipe(out / "run", schedule={"epochs": 3})), progress=False)
+    return run, export_onnx(run.output_dir, out / "model.onnx", check_images=200)

@@ -14,22 +14,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 from onnx import numpy_helper
 
-from clicktrain_deploy import parse_recipe, train
 from clicktrain_deploy.export.check import onnxruntime_session
 from clicktrain_deploy.export.metadata import METADATA_KEY, MetadataError, parse_metadata
 from clicktrain_deploy.export.onnx_export import ExportError, export_onnx, inspect_onnx, load_onnx
 from clicktrain_deploy.passes.onnx_passes import read_metadata, strip, verify
 from clicktrain_deploy.train import load_checkpoint, restore_model
 
-from .conftest import REPO, small_recipe
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    run = train(parse_recipe(small_recipe(out / "run", schedule={"epochs": 3})), progress=False)
-    result = export_onnx(run.output_dir, out / "model.onnx", check_images=200)
-    return run, result
+from .conftest import REPO
 
 
 def _set_metadata(model: onnx.ModelProto, document: dict) -> onnx.ModelProto:
