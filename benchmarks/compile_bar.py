@@ -94,19 +94,21 @@ def main() -> None:
     dense = compile_model(onnx_path, "x86", args.work / "dense_x86.so", sparse=False)
     rows = {}
     for threads in (1, 2):
-        env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+               "OMP_WAIT_POLICY": "PASSIVE"}
         child = subprocess.run([sys.executable, __file__, "--run", str(args.run), "--threads", str(threads),
                                 "--rounds", str(args.rounds), "--onnx", str(onnx_path),
                                 "--sparse-lib", str(sparse.library), "--dense-lib", str(dense.library)],
                                env=env, capture_output=True, text=True, check=True)
         rows[threads] = json.loads(child.stdout.strip().splitlines()[-1])
+    arm = arm_counts(onnx_path, args.work)
     layers = sparse.manifest["layers"]
     convs = [l for l in layers if l["op"] == "conv"]
     result = {
         "date": datetime.date.today().isoformat(), "machine": sparse.manifest["tvm_target"]["mcpu"],
         "model": str(args.run), "ms": rows,
         "kernels": {k: sum(l["kernel"] == k for l in convs) for k in {l["kernel"] for l in convs}},
-        "flop_reduction_limit": _flop_limit(onnx_path),
+        "flop_reduction_limit": _flop_limit(onnx_path), "arm_instructions": arm,
     }
     lines = [f"Measured {result['date']} on this machine (LLVM cpu `{result['machine']}`), model "
              f"`{args.run}`, batch 1, median of {args.rounds} interleaved rounds; conv kernels: "
@@ -119,9 +121,33 @@ def main() -> None:
                      f"{r['onnxruntime']:.3f} ms | {r['torch']:.3f} ms | "
                      f"{r['onnxruntime'] / r['ours_sparse']:.2f}x | {r['ours_dense'] / r['ours_sparse']:.2f}x | "
                      f"{r['onnxruntime'] / r['ours_dense']:.2f}x |")
+    limit = result["flop_reduction_limit"]
+    ratio = arm["ours_dense"] / arm["ours_sparse"]
+    lines += ["", f"ARM ({arm['cpu']}, NEON, 1 thread, qemu-user retired instructions per inference, "
+              "deterministic):", "",
+              "| ours pattern-sparse | ours dense | ratio | FLOP-reduction limit | share of limit |",
+              "|---|---|---|---|---|",
+              f"| {arm['ours_sparse'] / 1e6:.2f} M | {arm['ours_dense'] / 1e6:.2f} M | {ratio:.2f}x | "
+              f"{limit:.2f}x | {100 * ratio / limit:.0f}% |"]
     atomic_write_json(args.out.with_suffix(".json"), result)
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def arm_counts(onnx_path: Path, work: Path, cpu: str = "cortex-a72") -> dict:
+    """Instructions per inference of our sparse and dense aarch64 builds under qemu."""
+    import numpy as np
+
+    from clicktrain_deploy.compile.arm import instructions_per_inference
+    from clicktrain_deploy.compile.build import compile_model
+
+    counts = {"cpu": cpu}
+    for name, sparse in (("ours_sparse", True), ("ours_dense", False)):
+        built = compile_model(onnx_path, cpu, work / f"{name}_{cpu}.so", sparse=sparse)
+        shape = built.manifest["inputs"][0]["shape"]
+        image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        counts[name] = instructions_per_inference(built.library, image, cpu)
+    return counts
 
 
 def _flop_limit(onnx_path: Path) -> float:

@@ -21,3 +21,7 @@ fi
 # torch==2.13.0 first: that exact pin resolves to the CPU build on this machine.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# aarch64 TVM runtime + qemu runner for validating ARM builds on this x86 host.
+if [ ! -x .arm64/runner ]; then
+  .venv/bin/python -m clicktrain_deploy.compile.arm
+fi

@@ -78,3 +78,20 @@ def test_metadata_that_contradicts_the_weights_stops_the_build(exported, tmp_pat
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(ClickTrainError, match=entry.module):
         compile_model(tmp_path / "bad.onnx", "x86", tmp_path / "bad.so", measure=False)
+
+
+def test_arm64_build_runs_under_qemu_and_matches_onnxruntime(exported, fmnist, tmp_path):
+    from clicktrain_deploy.compile.arm import instructions_per_inference, run_under_qemu
+
+    _, result = exported
+    built = compile_model(result.path, "arm64", tmp_path / "model_arm.so")
+    session = onnxruntime_session(result.path.read_bytes())
+    for image in _real_inputs(fmnist, 2):
+        got, _ = run_under_qemu(built.library, image[None])
+        expected = session.run(None, {"input": image[None]})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    image = _real_inputs(fmnist, 1)
+    first = instructions_per_inference(built.library, image)
+    assert first == instructions_per_inference(built.library, image)  # deterministic
+    dense = compile_model(result.path, "arm64", tmp_path / "dense_arm.so", sparse=False)
+    assert instructions_per_inference(dense.library, image) > 1.5 * first
