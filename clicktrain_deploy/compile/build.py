@@ -45,12 +45,15 @@ def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp.so")
-    if target.cross_compiler:
-        from tvm.support import cc
-        executable.export_library(str(tmp), fcompile=cc.cross_compiler(target.cross_compiler))
-    else:
-        executable.export_library(str(tmp))
-    tmp.replace(output)
+    try:
+        if target.cross_compiler:
+            from tvm.support import cc
+            executable.export_library(str(tmp), fcompile=cc.cross_compiler(target.cross_compiler))
+        else:
+            executable.export_library(str(tmp))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     graph_input = model.graph.input[0]
     manifest = {
         "target": target.name, "tvm_target": target.tvm_target, "lanes": target.lanes,
