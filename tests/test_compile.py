@@ -95,3 +95,14 @@ def test_arm64_build_runs_under_qemu_and_matches_onnxruntime(exported, fmnist, t
     assert first == instructions_per_inference(built.library, image)  # deterministic
     dense = compile_model(result.path, "arm64", tmp_path / "dense_arm.so", sparse=False)
     assert instructions_per_inference(dense.library, image) > 1.5 * first
+
+
+def test_layout_follows_the_models_block_size():
+    from clicktrain_deploy.compile.targets import TARGETS
+
+    arm = TARGETS.get("cortex-a72")()
+    assert arm.layout_for([16, 16]).lanes == 16  # four NEON vectors per kernel block
+    assert arm.layout_for([16, 8]).lanes == 8
+    assert arm.layout_for([4]).lanes == 4
+    assert arm.layout_for([1]).lanes == 4  # per-kernel patterns: the connectivity kernel, narrowest
+    assert arm.layout_for([]) == arm.dense_layout

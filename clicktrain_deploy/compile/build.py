@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
     metadata = verify(model)
     started = time.perf_counter()
     timer = host_timer(target) if measure and target.runs_on_host else None
-    module, layers = lower_onnx(model, metadata if sparse else None, target, timer)
+    module, layers, layout = lower_onnx(model, metadata if sparse else None, target, timer)
     executable = tvm.compile(module, target=tvm.target.Target(target.tvm_target),
                              relax_pipeline=deploy_pipeline())
     output = Path(output)
@@ -56,7 +56,7 @@ def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
         tmp.unlink(missing_ok=True)
     graph_input = model.graph.input[0]
     manifest = {
-        "target": target.name, "tvm_target": target.tvm_target, "lanes": target.lanes,
+        "target": target.name, "tvm_target": target.tvm_target, "layout": asdict(layout),
         "source": str(onnx_path), "library": output.name,
         "inputs": [{"name": graph_input.name, "shape": [1, *[d.dim_value for d in
                     graph_input.type.tensor_type.shape.dim[1:]]], "dtype": "float32"}],

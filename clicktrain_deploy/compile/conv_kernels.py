@@ -5,6 +5,7 @@ patterns, or one 9-tap group for dense and connectivity-only layers), and the co
 per block of L output channels and per tap group, the input channels that use it. L is the
 target's fp32 SIMD width (16 AVX-512, 8 AVX2, 4 NEON); training's block size B must be a multiple
 of L for the pattern variant, else the connectivity-only variant runs all 9 taps of kept kernels.
+L may span several SIMD vectors (16 channels = 4 NEON vectors), so one broadcast feeds several FMAs.
 
 Tensors (batch 1):
   X     (ceil(IC/Li), H, W, Li)  input, NCHW[Li]c (Li = L, or IC for a stem with IC < L)
@@ -65,17 +66,13 @@ class ConvSpec:
                 max(self.width + 2, math.ceil(ow / xw) * xw * s + 2))
 
 
-# Register tiles (XW columns, RY rows) of 14-16 output pixels: the accumulators fit the 32 vector
-# registers of AVX-512 and AArch64 NEON. Listed in order of preference for equal waste.
-TILES: tuple[tuple[int, int], ...] = ((4, 4), (8, 2), (7, 2), (2, 7), (5, 3), (3, 5), (16, 1), (14, 1))
-
-
-def choose_tile(out_height: int, out_width: int) -> tuple[int, int]:
-    """The tile that computes the fewest padded output pixels for an OH x OW map."""
+def choose_tile(out_height: int, out_width: int, tiles: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """Of ``tiles`` (XW, RY), the one that computes the fewest padded pixels of an OH x OW map;
+    the earlier one on a tie."""
     def padded(tile: tuple[int, int]) -> int:
         xw, ry = tile
         return math.ceil(out_height / ry) * ry * math.ceil(out_width / xw) * xw
-    return min(TILES, key=padded)
+    return min(tiles, key=padded)
 
 
 def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:

@@ -24,7 +24,7 @@ from .conv_kernels import (
     pattern_assignment,
 )
 from .ops import avgpool_tvmscript, dense_tvmscript, maxpool_tvmscript, pack_tvmscript
-from .targets import TargetSpec
+from .targets import Layout, TargetSpec
 
 # Kernel choice by multiply-adds saved: below DENSE_BELOW stay dense, from MEASURE_BELOW go sparse,
 # in between time both on the host; targets that cannot run here go sparse from SPARSE_FROM.
@@ -77,8 +77,10 @@ def _attr(node: onnx.NodeProto, name: str, default):
 class _Lowering:
     def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
                  measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None):
-        self.model, self.target, self.lanes, self.measure = model, target, target.lanes, measure
+        self.model, self.target, self.measure = model, target, measure
         self.metadata = {e.initializer: e for e in (metadata.layers if metadata else [])}
+        self.layout = target.layout_for([e.mask.block_size for e in self.metadata.values()])
+        self.lanes = self.layout.lanes
         self.library = metadata.library.numpy() if metadata else None
         self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for node in model.graph.node:
@@ -187,8 +189,8 @@ class _Lowering:
                     in_lanes=x.lanes, lanes=lanes, relu=relu, residual=residual is not None)
         built = []
         for kernel, groups, assign in candidates:
-            # measured: the least-waste tile helps the 9-tap kernels, 4x4 suits the 4-tap ones
-            tile = choose_tile(*out_hw) if len(groups[0]) != 4 else (4, 4)
+            tile = (self.layout.pattern_tile if len(groups[0]) == 4
+                    else choose_tile(*out_hw, self.layout.dense_tiles))
             spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
             ptr, coff, wv = compact_weights(weight, assign, spec)
             spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
@@ -313,15 +315,17 @@ class _Lowering:
 
 
 def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-               measure=None) -> tuple[tvm.IRModule, list[LayerKernel]]:
-    """Lower a verified ONNX model to a Relax module for ``target``; returns it and the manifest.
+               measure=None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
+    """Lower a verified ONNX model to a Relax module for ``target``.
+
+    Returns the module, the per-layer manifest entries and the activation layout it chose.
 
     ``measure``, when given, times the candidate kernels of layers whose multiply-add saving is
     ambiguous (1.1x-3x) and picks the faster; otherwise a layer goes sparse when it saves at
     least 1.25x of the multiply-adds.
     """
     lowering = _Lowering(model, metadata, target, measure)
-    return lowering.build(), lowering.manifest
+    return lowering.build(), lowering.manifest, lowering.layout
 
 
 def host_timer(target: TargetSpec, repeats: int = 20) -> Callable:

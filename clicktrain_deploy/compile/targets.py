@@ -1,4 +1,4 @@
-"""Compile targets by name: TVM target dicts, SIMD lanes and how to link a deployable library."""
+"""Compile targets by name: TVM target dicts, activation layouts and tiles, how to link a library."""
 from __future__ import annotations
 
 import os
@@ -9,22 +9,51 @@ from ..registry import Registry
 TARGETS: Registry = Registry("target")
 
 
+Tile = tuple[int, int]
+# Register tiles (XW columns, RY rows) of 14-16 output pixels for one-vector blocks.
+WIDE_TILES: tuple[Tile, ...] = ((4, 4), (8, 2), (7, 2), (2, 7), (5, 3), (3, 5), (16, 1), (14, 1))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Activation layout NCHW[lanes]c and the register tiles of the kernels that use it.
+
+    lanes: output channels per kernel block, a multiple of the SIMD width (16 on NEON is four
+    vectors per tap, so each broadcast input feeds four FMAs). pattern_tile: tile of the 4-tap
+    pattern kernels; dense_tiles: candidates for 9-tap and 1x1 kernels, the least waste wins.
+    The tiles were chosen by measurement (benchmarks/compile_bar.py).
+    """
+
+    lanes: int
+    pattern_tile: Tile
+    dense_tiles: tuple[Tile, ...]
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """What the compiler needs to know about a deployment target.
 
-    lanes: fp32 SIMD width, the output-channel block of the generated kernels (16 AVX-512,
-    8 AVX2, 4 NEON). cross_compiler: C++ driver that links the ``.so`` (None: the host's).
+    sparse_layouts: by preference; a build uses the first whose lanes divide every pruned
+    layer's block size B (so the lanes of a kernel block share patterns). dense_layout: for builds
+    without pattern metadata. cross_compiler: C++ driver that links the ``.so`` (None: the host's).
     """
 
     name: str
     tvm_target: dict = field(hash=False)
-    lanes: int
+    sparse_layouts: tuple[Layout, ...]
+    dense_layout: Layout
     cross_compiler: str | None = None
 
     @property
     def runs_on_host(self) -> bool:
         return self.cross_compiler is None
+
+    def layout_for(self, block_sizes: list[int]) -> Layout:
+        """The layout of a build whose pruned layers have these block sizes (none: dense)."""
+        if not block_sizes:
+            return self.dense_layout
+        return next((layout for layout in self.sparse_layouts
+                     if all(b % layout.lanes == 0 for b in block_sizes)), self.sparse_layouts[-1])
 
 
 def _host_cpu() -> tuple[str, int]:
@@ -37,16 +66,24 @@ def _host_cpu() -> tuple[str, int]:
 
 @TARGETS.register("x86")
 def x86() -> TargetSpec:
-    """The host's x86-64 CPU (detected), AVX-512 -> 16 lanes, AVX2 -> 8."""
+    """The host's x86-64 CPU (detected): one vector per block, 16 lanes AVX-512, 8 AVX2."""
     cpu, lanes = _host_cpu()
-    return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}, lanes)
+    layout = Layout(lanes, (4, 4), WIDE_TILES)
+    layouts = tuple(Layout(l, (4, 4), WIDE_TILES) for l in (lanes, 8, 4) if l <= lanes)
+    return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1},
+                      tuple(dict.fromkeys(layouts)), layout)
+
+
+# NEON has 32 128-bit registers: 16-channel blocks (4 vectors) with 2x3 tiles keep 24 accumulators.
+NEON_DENSE = Layout(8, (2, 4), ((2, 4),))
+NEON_SPARSE = (Layout(16, (2, 3), ((2, 3),)), NEON_DENSE, Layout(4, (4, 4), WIDE_TILES))
 
 
 def _arm(name: str, cpu: str | None) -> TargetSpec:
     target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
     if cpu:
         target["mcpu"] = cpu
-    return TargetSpec(name, target, 4, cross_compiler="aarch64-linux-gnu-g++")
+    return TargetSpec(name, target, NEON_SPARSE, NEON_DENSE, cross_compiler="aarch64-linux-gnu-g++")
 
 
 @TARGETS.register("arm64")
