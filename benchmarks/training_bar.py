@@ -24,6 +24,7 @@ from clicktrain_deploy.data import BatchIterator, load_data
 from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
 from clicktrain_deploy.models import create_model
 from clicktrain_deploy.pruning.clicktrain import ClickTrainPruner
+from clicktrain_deploy.train.trainer import optimizer_step
 
 
 def _cpu_name() -> str:
@@ -91,14 +92,7 @@ def step_timing(recipe_path: Path, blocks: list[int], rounds: int, steps: int) -
             model.train()
             started = time.perf_counter()
             for inputs, labels in batches:
-                loss = nn.functional.cross_entropy(model(inputs), labels)
-                if phase == "regularize":
-                    loss = loss + pruner.penalty()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if phase == "hard":
-                    pruner.enforce(optimizer)
+                optimizer_step(nn.functional.cross_entropy(model(inputs), labels), optimizer, pruner, phase)
             times[name].append(1000 * (time.perf_counter() - started) / len(batches))
     dense = statistics.median(times["dense"])
     return [{"variant": name, "ms_per_step": statistics.median(t), "ratio_to_dense":

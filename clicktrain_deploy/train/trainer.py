@@ -61,6 +61,19 @@ def evaluate(model: nn.Module, batches: BatchIterator) -> tuple[float, float]:
     return loss / count, 100.0 * correct / count
 
 
+def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, pruner: ClickTrainPruner | None,
+                   phase: str) -> float:
+    """One update in a pruning phase: add the group lasso while regularizing, back-propagate,
+    step, and put the weights back on the masks once hard. Returns the penalty added (0 if none)."""
+    penalty = pruner.penalty() if pruner and phase == "regularize" else None
+    optimizer.zero_grad(set_to_none=True)
+    (loss if penalty is None else loss + penalty).backward()
+    optimizer.step()
+    if pruner and pruner.hard:
+        pruner.enforce(optimizer)
+    return 0.0 if penalty is None else float(penalty.detach())
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches) -> None:
     """Recompute BatchNorm running statistics as plain averages over ``batches``.
@@ -184,16 +197,7 @@ class _Run:
             else:
                 logits = self.model(inputs)
                 loss = nn.functional.cross_entropy(logits, labels)
-            total = loss
-            if pruner and phase == "regularize":
-                penalty = pruner.penalty()
-                total = loss + penalty
-                penalty_sum += float(penalty.detach()) * len(labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            if pruner and pruner.hard:
-                pruner.enforce(self.optimizer)
+            penalty_sum += optimizer_step(loss, self.optimizer, pruner, phase) * len(labels)
             self.scheduler.step()
             loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
