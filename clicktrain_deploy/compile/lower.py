@@ -76,8 +76,10 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 class _Lowering:
     def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-                 measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None):
+                 measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None,
+                 time_every_layer: bool = False):
         self.model, self.target, self.measure = model, target, measure
+        self.time_every_layer = time_every_layer and measure is not None
         self.metadata = {e.initializer: e for e in (metadata.layers if metadata else [])}
         self.layout = target.layout_for([e.mask.block_size for e in self.metadata.values()])
         self.lanes = self.layout.lanes
@@ -177,6 +179,7 @@ class _Lowering:
                                f"{stride}, group {_attr(node, 'group', 1)} is not supported "
                                "(3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1)")
         bias = self.consts[node.input[2]] if len(node.input) > 2 else np.zeros(oc, np.float32)
+        shape = list(weight.shape)
         if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
             centre = np.zeros((oc, ic, 3, 3), np.float32)
             centre[:, :, 1, 1] = weight[:, :, 0, 0]
@@ -195,7 +198,7 @@ class _Lowering:
             ptr, coff, wv = compact_weights(weight, assign, spec)
             spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
             built.append((kernel, spec, [ptr, coff, wv]))
-        kernel, spec, packed, entry = self._choose(name, list(weight.shape), built)
+        kernel, spec, packed, entry = self._choose(name, shape, built)
         self.manifest.append(entry)
         oh, ow = spec.out_hw
         bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
@@ -224,27 +227,28 @@ class _Lowering:
         return [sparse, dense]
 
     def _choose(self, name: str, shape: list[int], built: list) -> tuple:
+        timed = {k: round(v, 2) for k, v in self.measure(built).items()} if self.time_every_layer else None
         if len(built) == 1:
             kernel, spec, packed = built[0]
             return kernel, spec, packed, LayerKernel(name, "conv", kernel, shape, "no pattern metadata"
-                                                     if kernel == "dense" else "1x1 conv")
+                                                     if kernel == "dense" else "1x1 conv", measured_us=timed)
         work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
         dense_work = work["dense"]
         (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
         kept = sparse_spec.entries / max(dense[1].entries, 1)
         estimate = dense_work / max(work[sparse_kernel], 1)
         if self.measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
-            times = self.measure(built)
+            times = timed or {k: round(v, 2) for k, v in self.measure(built).items()}
             faster = times[sparse_kernel] < times["dense"]
             reason = f"measured {times[sparse_kernel]:.1f} us {sparse_kernel} vs {times['dense']:.1f} us dense"
             entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape, reason,
-                                kept, estimate, {k: round(v, 2) for k, v in times.items()})
+                                kept, estimate, times)
         else:
             threshold = SPARSE_FROM if self.measure is None else MEASURE_BELOW
             faster = estimate >= threshold
             entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape,
                                 f"{estimate:.2f}x fewer multiply-adds than dense "
-                                f"({'>=' if faster else '<'} {threshold}x)", kept, estimate)
+                                f"({'>=' if faster else '<'} {threshold}x)", kept, estimate, timed)
         chosen = built[0] if faster else built[1]
         return (*chosen, entry)
 
@@ -315,16 +319,17 @@ class _Lowering:
 
 
 def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-               measure=None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
+               measure=None, time_every_layer: bool = False) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
     """Lower a verified ONNX model to a Relax module for ``target``.
 
     Returns the module, the per-layer manifest entries and the activation layout it chose.
 
     ``measure``, when given, times the candidate kernels of layers whose multiply-add saving is
     ambiguous (1.1x-3x) and picks the faster; otherwise a layer goes sparse when it saves at
-    least 1.25x of the multiply-adds.
+    least 1.25x of the multiply-adds. ``time_every_layer`` (benchmarks) also times every conv's
+    candidates into the manifest without changing which kernel is chosen.
     """
-    lowering = _Lowering(model, metadata, target, measure)
+    lowering = _Lowering(model, metadata, target, measure, time_every_layer)
     return lowering.build(), lowering.manifest, lowering.layout
 
 
