@@ -113,7 +113,7 @@ def wrap(model: nn.Module) -> nn.Module:
     if not is_distributed():
         return model
     ids = [device().index] if device().type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def from_main(produce: Callable[[], T]) -> T:
