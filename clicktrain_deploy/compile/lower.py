@@ -177,76 +177,18 @@ class _Lowering:
                                f"{stride}, group {_attr(node, 'group', 1)} is not supported "
                                "(3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1)")
         bias = self.consts[node.input[2]] if len(node.input) > 2 else np.zeros(oc, np.float32)
-        if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
-            centre = np.zeros((oc, ic, 3, 3), np.float32)
-            centre[:, :, 1, 1] = weight[:, :, 0, 0]
-            weight = centre
         layer = self.metadata.get(node.input[1])
-        lanes, name = self.lanes, layer.module if layer else node.input[1].removesuffix(".weight")
-        candidates = self._conv_candidates(weight, layer, lanes)
-        out_hw = ((x.height - 1) // stride[0] + 1, (x.width - 1) // stride[0] + 1)
-        base = dict(in_channels=ic, out_channels=oc, height=x.height, width=x.width, stride=stride[0],
-                    in_lanes=x.lanes, lanes=lanes, relu=relu, residual=residual is not None)
-        built = []
-        for kernel, groups, assign in candidates:
-            tile = (self.layout.pattern_tile if len(groups[0]) == 4
-                    else choose_tile(*out_hw, self.layout.dense_tiles))
-            spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
-            ptr, coff, wv = compact_weights(weight, assign, spec)
-            spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
-            built.append((kernel, spec, [ptr, coff, wv]))
-        kernel, spec, packed, entry = self._choose(name, list(weight.shape), built)
+        name = layer.module if layer else node.input[1].removesuffix(".weight")
+        spec, packed, entry = plan_conv(name, weight, bias, layer, self.library, self.layout,
+                                        (x.height, x.width, x.lanes), stride[0], relu, residual is not None,
+                                        self.measure)
         self.manifest.append(entry)
-        oh, ow = spec.out_hw
-        bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
-        bias_blocks[:oc] = bias
-        args = [x.expr, *packed, bias_blocks.reshape(spec.out_blocks, lanes)]
+        args = [x.expr, *packed]
         if residual is not None:
             args.append(self.value(residual).expr)
-        source = conv_tvmscript(spec, "__NAME__")
-        out = self._call(source, "conv", args, (spec.out_blocks, oh, ow, lanes))
-        return _Value(out, oc, oh, ow, lanes)
-
-    def _conv_candidates(self, weight: np.ndarray, layer, lanes: int) -> list:
-        oc, ic = weight.shape[:2]
-        blocks = math.ceil(oc / lanes)
-        if not weight[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]].any() and layer is None:
-            return [("pointwise", (((1, 1),),), np.zeros((blocks, ic), int))]
-        dense = ("dense", (ALL_TAPS,), np.zeros((blocks, ic), int))
-        if layer is None:
-            return [dense]
-        ids = layer.mask.pattern_ids.numpy()
-        if layer.mask.block_size % lanes == 0 or oc <= layer.mask.block_size:
-            sparse = ("pattern", library_taps(self.library), pattern_assignment(ids, layer.mask.block_size, oc, lanes))
-        else:
-            kept = layer.mask.kernel_pattern_ids().numpy() >= 0
-            sparse = ("connectivity", (ALL_TAPS,), connectivity_assignment(kept, lanes))
-        return [sparse, dense]
-
-    def _choose(self, name: str, shape: list[int], built: list) -> tuple:
-        if len(built) == 1:
-            kernel, spec, packed = built[0]
-            return kernel, spec, packed, LayerKernel(name, "conv", kernel, shape, "no pattern metadata"
-                                                     if kernel == "dense" else "1x1 conv")
-        work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
-        dense_work = work["dense"]
-        (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
-        kept = sparse_spec.entries / max(dense[1].entries, 1)
-        estimate = dense_work / max(work[sparse_kernel], 1)
-        if self.measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
-            times = self.measure(built)
-            faster = times[sparse_kernel] < times["dense"]
-            reason = f"measured {times[sparse_kernel]:.1f} us {sparse_kernel} vs {times['dense']:.1f} us dense"
-            entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape, reason,
-                                kept, estimate, {k: round(v, 2) for k, v in times.items()})
-        else:
-            threshold = SPARSE_FROM if self.measure is None else MEASURE_BELOW
-            faster = estimate >= threshold
-            entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape,
-                                f"{estimate:.2f}x fewer multiply-adds than dense "
-                                f"({'>=' if faster else '<'} {threshold}x)", kept, estimate)
-        chosen = built[0] if faster else built[1]
-        return (*chosen, entry)
+        oh, ow = spec.out_hw
+        out = self._call(conv_tvmscript(spec, "__NAME__"), "conv", args, (spec.out_blocks, oh, ow, spec.lanes))
+        return _Value(out, oc, oh, ow, spec.lanes)
 
     def _avgpool(self, node, relu, residual) -> _Value:
         x = self.value(node.input[0])
@@ -326,6 +268,81 @@ def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target:
     """
     lowering = _Lowering(model, metadata, target, measure)
     return lowering.build(), lowering.manifest, lowering.layout
+
+
+def plan_conv(name: str, weight: np.ndarray, bias: np.ndarray, layer, library: np.ndarray | None, layout: Layout,
+              source: tuple[int, int, int], stride: int, relu: bool, residual: bool,
+              measure=None) -> tuple[ConvSpec, list[np.ndarray], LayerKernel]:
+    """Choose and pack the kernel of one conv: weight (OC, IC, 3, 3) or (OC, IC, 1, 1), bias (OC,),
+    input ``source`` = (H, W, Li) in NCHW[Li]c; ``layer`` is its metadata entry (None: dense).
+
+    Returns the kernel's spec, its constant arguments [ptr, coff, wv, bias (OCB, L)] and the
+    manifest entry. Weights that break the layer's patterns raise ValueError (compact_weights).
+    """
+    oc, ic, kh, _ = weight.shape
+    if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
+        centre = np.zeros((oc, ic, 3, 3), np.float32)
+        centre[:, :, 1, 1] = weight[:, :, 0, 0]
+        weight = centre
+    height, width, in_lanes = source
+    lanes = layout.lanes
+    out_hw = ((height - 1) // stride + 1, (width - 1) // stride + 1)
+    base = dict(in_channels=ic, out_channels=oc, height=height, width=width, stride=stride,
+                in_lanes=in_lanes, lanes=lanes, relu=relu, residual=residual)
+    built = []
+    for kernel, groups, assign in _conv_candidates(weight, layer, library, lanes):
+        tile = layout.pattern_tile if len(groups[0]) == 4 else choose_tile(*out_hw, layout.dense_tiles)
+        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
+        ptr, coff, wv = compact_weights(weight, assign, spec)
+        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
+        built.append((kernel, spec, [ptr, coff, wv]))
+    kernel, spec, packed, entry = _choose(name, list(weight.shape), built, measure)
+    bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
+    bias_blocks[:oc] = bias
+    return spec, [*packed, bias_blocks.reshape(spec.out_blocks, lanes)], entry
+
+
+def _conv_candidates(weight: np.ndarray, layer, library: np.ndarray | None, lanes: int) -> list:
+    oc, ic = weight.shape[:2]
+    blocks = math.ceil(oc / lanes)
+    if not weight[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]].any() and layer is None:
+        return [("pointwise", (((1, 1),),), np.zeros((blocks, ic), int))]
+    dense = ("dense", (ALL_TAPS,), np.zeros((blocks, ic), int))
+    if layer is None:
+        return [dense]
+    ids = layer.mask.pattern_ids.numpy()
+    if layer.mask.block_size % lanes == 0 or oc <= layer.mask.block_size:
+        sparse = ("pattern", library_taps(library), pattern_assignment(ids, layer.mask.block_size, oc, lanes))
+    else:
+        kept = layer.mask.kernel_pattern_ids().numpy() >= 0
+        sparse = ("connectivity", (ALL_TAPS,), connectivity_assignment(kept, lanes))
+    return [sparse, dense]
+
+
+def _choose(name: str, shape: list[int], built: list, measure) -> tuple:
+    if len(built) == 1:
+        kernel, spec, packed = built[0]
+        return kernel, spec, packed, LayerKernel(name, "conv", kernel, shape, "no pattern metadata"
+                                                 if kernel == "dense" else "1x1 conv")
+    work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
+    dense_work = work["dense"]
+    (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
+    kept = sparse_spec.entries / max(dense[1].entries, 1)
+    estimate = dense_work / max(work[sparse_kernel], 1)
+    if measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
+        times = measure(built)
+        faster = times[sparse_kernel] < times["dense"]
+        reason = f"measured {times[sparse_kernel]:.1f} us {sparse_kernel} vs {times['dense']:.1f} us dense"
+        entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape, reason,
+                            kept, estimate, {k: round(v, 2) for k, v in times.items()})
+    else:
+        threshold = SPARSE_FROM if measure is None else MEASURE_BELOW
+        faster = estimate >= threshold
+        entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape,
+                            f"{estimate:.2f}x fewer multiply-adds than dense "
+                            f"({'>=' if faster else '<'} {threshold}x)", kept, estimate)
+    chosen = built[0] if faster else built[1]
+    return (*chosen, entry)
 
 
 def host_timer(target: TargetSpec, repeats: int = 20) -> Callable:
