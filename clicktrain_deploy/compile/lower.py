@@ -1,8 +1,12 @@
 """ONNX (as our export writes it) -> a Relax module whose every op is a generated kernel.
 
-Activations stay in NCHW[L]c from the packed input to the global pool; BN is already folded into
-the convs, and each conv's bias, ReLU and residual add run in its epilogue. Per conv the kernel
-variant is chosen (pattern-sparse, connectivity-only, dense) and recorded with the reason.
+Two steps: ``_Lowering`` translates the graph into Relax, each conv as plain ``relax.nn.conv2d``
+with a constant weight followed by its bias add, residual add and ReLU (BN is already folded), the
+pools and the classifier as our kernels on NCHW[L]c; then the Relax pass
+``passes.relax_passes.rewrite_pattern_convs`` turns every conv chain into one generated kernel
+whose epilogue runs the bias, residual and ReLU, choosing per conv the variant (pattern-sparse,
+connectivity-only, dense) with ``plan_conv`` and recording the reason. Activations stay in
+NCHW[L]c from the packed input to the global pool: the unpack/pack pairs between kernels vanish.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .conv_kernels import (
     ALL_TAPS, ConvSpec, choose_tile, compact_weights, connectivity_assignment, conv_tvmscript, library_taps,
     pattern_assignment,
 )
-from .ops import avgpool_tvmscript, dense_tvmscript, maxpool_tvmscript, pack_tvmscript
+from .ops import avgpool_tvmscript, dense_tvmscript, maxpool_tvmscript, pack_tvmscript, unpack_tvmscript
 from .targets import Layout, TargetSpec
 
 # Kernel choice by multiply-adds saved: below DENSE_BELOW stay dense, from MEASURE_BELOW go sparse,
@@ -75,13 +79,11 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 class _Lowering:
-    def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-                 measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None):
-        self.model, self.target, self.measure = model, target, measure
+    def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec):
+        self.model, self.target = model, target
         self.metadata = {e.initializer: e for e in (metadata.layers if metadata else [])}
         self.layout = target.layout_for([e.mask.block_size for e in self.metadata.values()])
         self.lanes = self.layout.lanes
-        self.library = metadata.library.numpy() if metadata else None
         self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for node in model.graph.node:
             value = _attr(node, "value", None) if node.op_type == "Constant" else None
@@ -176,22 +178,38 @@ class _Lowering:
             raise CompileError(f"Conv {node.name!r} ({node.input[1]}): {kh}x{kw}, pads {pads}, stride "
                                f"{stride}, group {_attr(node, 'group', 1)} is not supported "
                                "(3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1)")
-        bias = self.consts[node.input[2]] if len(node.input) > 2 else np.zeros(oc, np.float32)
+        # plain Relax ops, named after the layer; pattern_conv_rewrite turns each chain into one kernel
         layer = self.metadata.get(node.input[1])
         name = layer.module if layer else node.input[1].removesuffix(".weight")
-        spec, packed, entry = plan_conv(name, weight, bias, layer, self.library, self.layout,
-                                        (x.height, x.width, x.lanes), stride[0], relu, residual is not None,
-                                        self.measure)
-        self.manifest.append(entry)
-        args = [x.expr, *packed]
+        out = self.builder.emit(relax.op.nn.conv2d(self._nchw(x), relax.const(weight), strides=stride[0],
+                                                   padding=pads[0]), name_hint=name)
+        if len(node.input) > 2:
+            out = self.builder.emit(relax.op.add(out, relax.const(self.consts[node.input[2]].reshape(1, oc, 1, 1))))
         if residual is not None:
-            args.append(self.value(residual).expr)
-        oh, ow = spec.out_hw
-        out = self._call(conv_tvmscript(spec, "__NAME__"), "conv", args, (spec.out_blocks, oh, ow, spec.lanes))
-        return _Value(out, oc, oh, ow, spec.lanes)
+            out = self.builder.emit(relax.op.add(out, self._nchw(self.value(residual))))
+        if relu:
+            out = self.builder.emit(relax.op.nn.relu(out))
+        return _Value(out, oc, (x.height - 1) // stride[0] + 1, (x.width - 1) // stride[0] + 1, lanes=0)
+
+    def _nchw(self, x: _Value) -> relax.Expr:
+        """An image value as (1, C, H, W): blocked values are unpacked (the rewrite skips the
+        unpack where a conv reads it)."""
+        if x.lanes == 0:
+            return x.expr
+        return self._call(unpack_tvmscript(x.channels, x.height, x.width, x.lanes, "__NAME__"), "unpack",
+                          [x.expr], (1, x.channels, x.height, x.width))
+
+    def _blocked(self, x: _Value) -> _Value:
+        """An image value in NCHW[L]c (a pack of a conv's output is skipped by the rewrite)."""
+        if x.lanes:
+            return x
+        blocks = math.ceil(x.channels / self.lanes)
+        packed = self._call(pack_tvmscript(x.channels, x.height, x.width, self.lanes, "__NAME__"), "pack",
+                            [x.expr], (blocks, x.height, x.width, self.lanes))
+        return _Value(packed, x.channels, x.height, x.width, self.lanes)
 
     def _avgpool(self, node, relu, residual) -> _Value:
-        x = self.value(node.input[0])
+        x = self._blocked(self.value(node.input[0]))
         blocks = math.ceil(x.channels / x.lanes)
         src = avgpool_tvmscript(blocks, x.height, x.width, x.lanes, "__NAME__")
         self.manifest.append(LayerKernel(node.name, node.op_type, "avgpool", [x.channels, x.height, x.width], "generated"))
@@ -199,7 +217,7 @@ class _Lowering:
                       lanes=x.lanes, blocked=False)
 
     def _maxpool(self, node, relu, residual) -> _Value:
-        x = self.value(node.input[0])
+        x = self._blocked(self.value(node.input[0]))
         if _attr(node, "kernel_shape", None) != [2, 2] or _attr(node, "strides", None) != [2, 2]:
             raise CompileError(f"MaxPool {node.name!r}: only 2x2 stride 2 is supported")
         blocks = math.ceil(x.channels / x.lanes)
@@ -245,11 +263,7 @@ class _Lowering:
         x = relax.Var(graph_input.name, relax.TensorType((1, channels, height, width), "float32"))
         with self.builder.function("main", [x]):
             with self.builder.dataflow():
-                in_lanes = channels if channels < self.lanes else self.lanes
-                blocks = math.ceil(channels / in_lanes)
-                packed = self._call(pack_tvmscript(channels, height, width, in_lanes, "__NAME__"),
-                                    "pack", [x], (blocks, height, width, in_lanes))
-                self.values[graph_input.name] = _Value(packed, channels, height, width, in_lanes)
+                self.values[graph_input.name] = _Value(x, channels, height, width, lanes=0)
                 out = self.value(self.model.graph.output[0].name)
                 result = self.builder.emit_output(out.expr)
             self.builder.emit_func_output(result)
@@ -266,8 +280,21 @@ def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target:
     ambiguous (1.1x-3x) and picks the faster; otherwise a layer goes sparse when it saves at
     least 1.25x of the multiply-adds.
     """
-    lowering = _Lowering(model, metadata, target, measure)
-    return lowering.build(), lowering.manifest, lowering.layout
+    from ..passes.relax_passes import rewrite_pattern_convs
+
+    lowering = _Lowering(model, metadata, target)
+    module, convs = rewrite_pattern_convs(lowering.build(), metadata, target, measure)
+    left = set(_relax_ops(module["main"])) - {"relax.call_tir", "relax.reshape"}
+    if left:
+        raise CompileError(f"ops left without a generated kernel: {sorted(left)}")
+    return module, convs + lowering.manifest, lowering.layout
+
+
+def _relax_ops(func: relax.Function) -> list[str]:
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return found
 
 
 def plan_conv(name: str, weight: np.ndarray, bias: np.ndarray, layer, library: np.ndarray | None, layout: Layout,

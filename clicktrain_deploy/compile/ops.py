@@ -11,13 +11,17 @@ from __future__ import annotations
 import math
 
 ATTRS = "T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, 'tirx.is_scheduled': True}})"
+# pack and unpack carry LAYOUT_ATTR ("pack"/"unpack"): the conv rewrite skips an unpack-pack pair
+LAYOUT_ATTR = "clicktrain.layout"
+LAYOUT = "T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, 'tirx.is_scheduled': True, '" \
+    + LAYOUT_ATTR + "': '{kind}'}})"
 
 
 def pack_tvmscript(channels: int, height: int, width: int, lanes: int, name: str) -> str:
     blocks = math.ceil(channels / lanes)
     return f"""@T.prim_func
 def {name}(X: T.Buffer((1, {channels}, {height}, {width}), 'float32'), Y: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32')):
-    {ATTRS.format(name=name)}
+    {LAYOUT.format(name=name, kind="pack")}
     for c in T.parallel({blocks}):
         for y, x in T.grid({height}, {width}):
             for l in T.vectorized({lanes}):
@@ -29,7 +33,7 @@ def unpack_tvmscript(channels: int, height: int, width: int, lanes: int, name: s
     blocks = math.ceil(channels / lanes)
     return f"""@T.prim_func
 def {name}(X: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer((1, {channels}, {height}, {width}), 'float32')):
-    {ATTRS.format(name=name)}
+    {LAYOUT.format(name=name, kind="unpack")}
     for c in T.parallel({channels}):
         for y, x in T.grid({height}, {width}):
             Y[0, c, y, x] = X[c // {lanes}, y, x, c % {lanes}]
