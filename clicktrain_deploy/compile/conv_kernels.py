@@ -158,7 +158,7 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
                   f"                for l in T.vectorized({lanes}):",
                   f"                    acc{r}[xi, l] = T.float32(0)"]
     for g, group in enumerate(spec.groups):
-        # distinct names: a re-bound name would become a mutable variable, i.e. a buffer
+        # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
         lines += [
             f"            for k in range(ptr[job // {row_tiles} * {ngroups} + {g}], "
             f"ptr[job // {row_tiles} * {ngroups} + {g + 1}]):",
