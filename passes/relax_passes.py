@@ -144,7 +144,7 @@ class _ConvRewriter(relax.PyExprMutator):
         if user is not None and _is_op(user.value, "relax.add"):
             other = [a for a in user.value.args if not a.same_as(tail)]
             if len(other) == 1 and isinstance(other[0], tvm.ir.Constant) \
-                    and other[0].value.numpy().size == channels:
+                    and tuple(other[0].value.shape) in ((1, channels, 1, 1), (channels, 1, 1)):
                 bias, tail = other[0].value.numpy().reshape(-1), user.var
                 user = sole_user(tail)
         if user is not None and _is_op(user.value, "relax.add"):
@@ -227,12 +227,13 @@ class _ConvRewriter(relax.PyExprMutator):
         attrs, weight = conv.value.attrs, conv.value.args[1].value.numpy()
         kh, kw = weight.shape[2:]
         strides, padding = [int(v) for v in attrs.strides], [int(v) for v in attrs.padding]
-        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or int(attrs.groups) != 1 \
+        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW" \
+                or conv.value.args[0].ty.dtype != "float32" or weight.dtype != np.float32 or int(attrs.groups) != 1 \
                 or [int(v) for v in attrs.dilation] != [1, 1] or strides[0] != strides[1] \
                 or strides[0] not in (1, 2) or _shape(conv.value.args[0])[0] != 1 \
                 or not ((kh, kw) == (3, 3) and padding == [1] * 4 or (kh, kw) == (1, 1) and padding == [0] * 4):
             raise CompileError(f"conv2d #{index} ({list(weight.shape)}, strides {strides}, padding {padding}, "
-                               f"groups {int(attrs.groups)}): not supported (NCHW batch 1, 3x3 pad 1 or "
+                               f"groups {int(attrs.groups)}): not supported (float32 NCHW batch 1, 3x3 pad 1 or "
                                "1x1 pad 0, stride 1 or 2, group 1)")
         return self._layer(weight, index, conv.var.name) if kh == 3 else None
 

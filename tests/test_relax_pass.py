@@ -115,3 +115,26 @@ def test_without_metadata_every_conv_gets_our_dense_kernel():
     weights, biases, _ = _block()
     _, manifest = rewrite_pattern_convs(_module(weights, biases), None, TARGETS.get("x86")())
     assert [e.kernel for e in manifest] == ["dense", "dense", "dense", "pointwise"]
+
+
+def test_unsupported_conv_is_named_and_odd_bias_shapes_are_not_fused():
+    from clicktrain_deploy.compile.lower import CompileError
+
+    weight = np.ones((8, 4, 3, 3), np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, groups=1))
+            # (1, 1, 1, 8) has the channel count but broadcasts over width: not a bias
+            out = bb.emit_output(bb.emit(relax.op.add(conv, relax.const(np.ones((1, 1, 1, 8), np.float32)))))
+        bb.emit_func_output(out)
+    module, manifest = rewrite_pattern_convs(bb.get(), None, TARGETS.get("x86")())
+    assert "relax.add" in _calls(module) and [e.kernel for e in manifest] == ["dense"]
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, relax.const(weight), strides=3, padding=1)))
+        bb.emit_func_output(out)
+    with pytest.raises(CompileError, match=r"conv2d #0 \(\[8, 4, 3, 3\], strides \[3, 3\]"):
+        rewrite_pattern_convs(bb.get(), None, TARGETS.get("x86")())
