@@ -97,6 +97,7 @@ class _Lowering:
         self.values: dict[str, _Value] = {}
         self.plans: dict[str, tuple] = {}
         self.manifest: list[LayerKernel] = []
+        self.conv_names: dict[str, str] = {}
         self.builder = relax.BlockBuilder()
         self.count = 0
 
@@ -183,6 +184,7 @@ class _Lowering:
         name = layer.module if layer else node.input[1].removesuffix(".weight")
         out = self.builder.emit(relax.op.nn.conv2d(self._nchw(x), relax.const(weight), strides=stride[0],
                                                    padding=pads[0]), name_hint=name)
+        self.conv_names[out.name] = name  # Relax spells "layers.0.conv1" as layers_0_conv1
         if len(node.input) > 2:
             out = self.builder.emit(relax.op.add(out, relax.const(self.consts[node.input[2]].reshape(1, oc, 1, 1))))
         if residual is not None:
@@ -287,6 +289,8 @@ def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target:
     left = set(_relax_ops(module["main"])) - {"relax.call_tir", "relax.reshape"}
     if left:
         raise CompileError(f"ops left without a generated kernel: {sorted(left)}")
+    for entry in convs:
+        entry.layer = lowering.conv_names.get(entry.layer, entry.layer)
     return module, convs + lowering.manifest, lowering.layout
 
 
