@@ -44,7 +44,7 @@ def measure(request: dict) -> dict:
     import tvm
     from tvm import relax
 
-    from ..compile.lower import host_timer, lower_onnx
+    from ..compile.lower import HostTimer, lower_onnx
     from ..compile.targets import TARGETS
     from ..export.check import onnxruntime_session
     from ..export.onnx_export import load_onnx
@@ -76,7 +76,7 @@ def measure(request: dict) -> dict:
         whole = interleaved_medians(fns, rounds)
 
     target = TARGETS.get("x86")()
-    _, kernels, _ = lower_onnx(model, metadata, target, host_timer(target), time_every_layer=True)
+    _, kernels, _ = lower_onnx(model, metadata, target, HostTimer(target, every_layer=True))
     ours = {k.layer: k.measured_us for k in kernels if k.op == "conv"}
     layers = {}
     for work in layer_work(model, metadata):

@@ -14,7 +14,7 @@ from ..export.onnx_export import load_onnx, model_info
 from ..fileio import atomic_write_json
 from ..passes.onnx_passes import verify
 from ..passes.relax_passes import deploy_pipeline
-from .lower import host_timer, lower_onnx
+from .lower import HostTimer, lower_onnx
 from .targets import TARGETS, TargetSpec
 
 
@@ -26,21 +26,20 @@ class CompiledModel:
 
 
 def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
-                  measure: bool = True, sparse: bool = True, time_every_layer: bool = False) -> CompiledModel:
+                  measure: bool = True, sparse: bool = True) -> CompiledModel:
     """Compile ``onnx_path`` for ``target_name`` into ``output`` (.so) plus ``output``.json.
 
     Convs named in the (verified) pattern metadata get the sparse kernel where it is faster
     (measured on the host for host targets, estimated otherwise); the manifest lists every layer's
     kernel and why. ``sparse=False`` ignores the metadata: every conv gets our dense kernel.
-    ``time_every_layer`` records every conv's candidate kernel times in the manifest (host targets).
     Both files are written atomically.
     """
     target = TARGETS.get(target_name)()
     model = load_onnx(onnx_path)
     metadata = verify(model)
     started = time.perf_counter()
-    timer = host_timer(target) if measure and target.runs_on_host else None
-    module, layers, layout = lower_onnx(model, metadata if sparse else None, target, timer, time_every_layer)
+    timer = HostTimer(target) if measure and target.runs_on_host else None
+    module, layers, layout = lower_onnx(model, metadata if sparse else None, target, timer)
     executable = tvm.compile(module, target=tvm.target.Target(target.tvm_target),
                              relax_pipeline=deploy_pipeline())
     output = Path(output)
