@@ -29,7 +29,7 @@ class AdmmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rho: float = Field(1e-2, gt=0.0)
+    rho: float = Field(0.1, gt=0.0)
     update_interval: int = Field(50, ge=1)
 
 
