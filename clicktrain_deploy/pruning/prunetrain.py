@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PruningError
+from ..models.channels import ChannelNode
 from .config import PruningConfig
 from .method import PRUNING_METHODS, EpochContext
 from .report import SparsityReport, build_report
@@ -34,7 +35,7 @@ def reader_channel_norms(reader: nn.Conv2d | nn.Linear) -> Tensor:
     return reader.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
 
 
-def live_channels(node, threshold: float) -> Tensor:
+def live_channels(node: ChannelNode, threshold: float) -> Tensor:
     """bool (C,): channels with a weight of magnitude >= ``threshold`` in any layer of the node."""
     live = torch.zeros(node.width, dtype=torch.bool)
     for conv, _ in node.producers:
@@ -45,7 +46,8 @@ def live_channels(node, threshold: float) -> Tensor:
 
 
 @torch.no_grad()
-def remove_channels(node, keep: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+def remove_channels(node: ChannelNode, keep: Tensor,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """Shrink every layer of ``node`` to channels ``keep`` (int64, ascending), in place."""
     for conv, norm in node.producers:
         _take(conv.weight, 0, keep, optimizer)
@@ -65,7 +67,7 @@ def remove_channels(node, keep: Tensor, optimizer: torch.optim.Optimizer | None 
             reader.in_features = len(keep)
 
 
-def channel_group_lasso(nodes) -> Tensor:
+def channel_group_lasso(nodes: list[ChannelNode]) -> Tensor:
     """Sum of sqrt(sum w^2 + 1e-8) over every output channel of every conv and every input
     channel of every reader (the stem's image planes are read by no node, so they are free)."""
     total = 0.0
