@@ -12,7 +12,7 @@ from rich.table import Table
 from . import distributed
 from .config import load_recipe
 from .errors import ClickTrainError
-from .pruning.report import SparsityReport, sparsity_report
+from .pruning.report import SparsityReport
 from .train import load_checkpoint, restore_model, train as train_recipe
 
 app = typer.Typer(help="ClickTrain pattern pruning, from recipe to deployable model.",
@@ -85,9 +85,8 @@ def report(
 ) -> None:
     """Sparsity report of a trained run: per layer and whole model."""
     try:
-        model, pruner = restore_model(load_checkpoint(run))
-        result = (sparsity_report(model, pruner.masks, pruner.library) if pruner
-                  else sparsity_report(model, {}, None))
+        model, method = restore_model(load_checkpoint(run))
+        result = method.report(model)
     except ClickTrainError as error:
         _fail(error)
     if as_json:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
 from .errors import RecipeError
@@ -71,6 +71,17 @@ class ScheduleConfig(_Strict):
     # Before each evaluation, recompute BatchNorm statistics over this many training batches
     # (0 = off); only evaluation sees them, so training itself is unchanged.
     bn_recalibration_batches: int = Field(20, ge=0)
+    # Epochs where the LR schedule starts over (cosine: a new cosine to 0 up to the next restart),
+    # at peak ``restart_lr`` (default ``lr``): pruning after training restarts it per phase.
+    restarts: list[int] = []
+    restart_lr: float | None = Field(None, gt=0)
+
+    @field_validator("restarts")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"restarts must be strictly increasing, got {value}")
+        return value
 
 
 class Recipe(_Strict):
@@ -87,13 +98,19 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _phases_fit(self) -> "Recipe":
         p, epochs = self.pruning, self.schedule.epochs
-        if p.method == "clicktrain":
+        if p.method in ("clicktrain", "admm"):
             if p.select_epoch >= epochs:
                 raise ValueError(f"pruning.select_epoch ({p.select_epoch}) must be < "
                                  f"schedule.epochs ({epochs})")
             if not p.select_epoch <= p.hard_prune_epoch <= epochs:
                 raise ValueError(f"pruning.hard_prune_epoch ({p.hard_prune_epoch}) must be "
                                  f"between select_epoch ({p.select_epoch}) and epochs ({epochs})")
+        if p.method == "admm" and p.hard_prune_epoch == p.select_epoch:
+            raise ValueError(f"pruning.hard_prune_epoch ({p.hard_prune_epoch}) must be after "
+                             f"select_epoch for admm: the ADMM phase needs at least one epoch")
+        restarts = self.schedule.restarts
+        if restarts and not (0 < restarts[0] and restarts[-1] < epochs):
+            raise ValueError(f"schedule.restarts ({restarts}) must lie in 1..{epochs - 1}")
         return self
 
 

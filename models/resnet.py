@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import MODELS
+from .channels import ChannelNode
 
 
 class BasicBlock(nn.Module):
@@ -64,6 +65,24 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
         return self.fc(self.pool(x).flatten(1))
+
+    def channel_nodes(self) -> list[ChannelNode]:
+        """The stem and each stage's residual stream (one node per stage), and every block's
+        inner conv1 -> conv2 channels."""
+        stream = ChannelNode("conv1", [(self.conv1, self.bn1)])
+        nodes = []
+        for s, stage in enumerate(self.layers):
+            for j, block in enumerate(stage):
+                stream.consumers.append(block.conv1)
+                if not isinstance(block.shortcut, nn.Identity):
+                    stream.consumers.append(block.shortcut[0])
+                    nodes.append(stream)
+                    stream = ChannelNode(f"layers.{s}", [(block.shortcut[0], block.shortcut[1])])
+                nodes.append(ChannelNode(f"layers.{s}.{j}.conv1", [(block.conv1, block.bn1)],
+                                         [block.conv2]))
+                stream.producers.append((block.conv2, block.bn2))
+        stream.consumers.append(self.fc)
+        return [*nodes, stream]
 
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> ResNet:

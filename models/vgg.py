@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import MODELS
+from .channels import ChannelNode
 
 _CONFIGS = {
     "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -41,6 +42,14 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+    def channel_nodes(self) -> list[ChannelNode]:
+        """One node per conv: its output channels, read by the next conv or the classifier."""
+        convs = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
+        norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
+        readers = [conv for _, conv in convs[1:]] + [self.classifier[1]]
+        return [ChannelNode(f"features.{name}", [(conv, norm)], [reader])
+                for (name, conv), norm, reader in zip(convs, norms, readers)]
 
 
 @MODELS.register("vgg11_bn")

@@ -109,10 +109,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
     model.eval()
     proto = fold_batchnorm(_to_onnx(model, saved["data"]["input_shape"], opset))
     metadata = None
-    if with_metadata and pruner is not None and pruner.masks:
+    if with_metadata and pruner.masks:
         metadata = PatternMetadata(pruner.library, [
-            LayerEntry(f"{layer.name}.weight", layer.name, pruner.masks[layer.name])
-            for layer in pruner.layers])
+            LayerEntry(f"{name}.weight", name, mask) for name, mask in pruner.masks.items()])
         annotate(proto, metadata)
     info = {**saved["data"], "model": saved["recipe"]["model"]["name"], "epoch": saved["epoch"]}
     proto.metadata_props.add(key=MODEL_INFO_KEY, value=json.dumps(info))

@@ -17,7 +17,9 @@ from .. import distributed
 from ..errors import PruningError
 from .config import PruningConfig
 from .masks import LayerMask, block_sum, group_lasso, select_layer_mask
+from .method import PRUNING_METHODS, EpochContext
 from .patterns import PATTERN_LIBRARIES, generate_library, validate_library
+from .report import SparsityReport, sparsity_report
 
 AUTO_BLOCK_SIZES = (16, 8, 4, 2, 1)
 
@@ -109,12 +111,15 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
     return {name: score.cpu() for name, score in importance.items()}
 
 
+@PRUNING_METHODS.register("clicktrain")
 class ClickTrainPruner:
     """Selects masks once, regularizes toward them, then keeps weights on them.
 
     Usage by a training loop: ``select`` at the start of ``config.select_epoch``; add
     ``penalty()`` to the loss while ``phase(epoch) == "regularize"``; ``harden(optimizer)`` at the
     start of ``config.hard_prune_epoch`` and ``enforce(optimizer)`` after every step from then on.
+    The ``PruningMethod`` hooks (``begin_epoch``, ``penalty_term``, ``after_step``) do exactly this
+    for the trainer.
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
@@ -140,14 +145,23 @@ class ClickTrainPruner:
                loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
         """Estimate importance over ``batches``, build or take the library, choose every mask."""
         importance = estimate_importance(model, self.layers, batches, loss_fn)
-        if self.config.patterns == "dynamic":
-            groups = [_group_tap_importance(importance[l.name], l.block_size) for l in self.layers]
-            library = generate_library(groups, self.config.library_size, self.config.require_centre)
-        else:
-            library = PATTERN_LIBRARIES.get(self.config.patterns)()
+        library = self.choose_library(importance)
+        self.assign(library, {l.name: select_layer_mask(importance[l.name], library, l.block_size, l.ratio)
+                              for l in self.layers})
+
+    def choose_library(self, importance: dict[str, Tensor]) -> Tensor:
+        """The configured fixed library, or one generated from per-weight ``importance``
+        (float (C_out, C_in, 3, 3) per pruned layer): bool (K, 9)."""
+        if self.config.patterns != "dynamic":
+            return validate_library(PATTERN_LIBRARIES.get(self.config.patterns)())
+        groups = [_group_tap_importance(importance[l.name], l.block_size) for l in self.layers]
+        return validate_library(generate_library(groups, self.config.library_size,
+                                                 self.config.require_centre))
+
+    def assign(self, library: Tensor, masks: dict[str, LayerMask]) -> None:
+        """Take a library and one mask per pruned layer (chosen here or by another method)."""
         self.library = validate_library(library)
-        self.masks = {l.name: select_layer_mask(importance[l.name], library, l.block_size, l.ratio)
-                      for l in self.layers}
+        self.masks = masks
         distributed.check_identical("pattern library and masks", [self.library] + [
             m.pattern_ids for m in self.masks.values()])
         self._cache_masks()
@@ -175,6 +189,27 @@ class ClickTrainPruner:
             for value in optimizer.state.get(weight, {}).values():
                 if isinstance(value, Tensor) and value.shape == weight.shape:
                     value.mul_(mask)
+
+    def begin_epoch(self, context: EpochContext) -> None:
+        """Select at the first non-dense epoch, harden at the first hard one."""
+        phase = self.phase(context.epoch)
+        if phase != "dense" and not self.selected:
+            self.select(context.model, context.batches(self.config.importance_batches), context.loss_fn)
+        if phase == "hard" and not self.hard:
+            self.harden(context.optimizer)
+
+    def penalty_term(self, loss: Tensor, phase: str) -> Tensor | None:
+        return self.penalty() if phase == "regularize" else None
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hard:
+            self.enforce(optimizer)
+
+    def end_epoch(self, context: EpochContext) -> None:
+        pass
+
+    def report(self, model: nn.Module) -> SparsityReport:
+        return sparsity_report(model, self.masks, self.library)
 
     def state_dict(self) -> dict:
         """Library, masks and phase; enough to rebuild the pruner on the same model."""

@@ -8,6 +8,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .patterns import PATTERN_LIBRARIES
 
 
+class PruneTrainConfig(BaseModel):
+    """PruneTrain (Lym et al., SC'19): group lasso on the input and output channels of every conv
+    (input neurons of the classifier); every ``interval`` epochs, channels whose weights are all
+    below ``threshold`` in magnitude are removed from the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The lasso coefficient is fixed at the first step so that the penalty is this share of the
+    # total loss (the paper's configs use 0.2).
+    penalty_ratio: float = Field(0.2, gt=0.0, lt=1.0)
+    interval: int = Field(2, ge=1)
+    threshold: float = Field(1e-4, gt=0.0)
+
+
+class AdmmConfig(BaseModel):
+    """Pruning after training, PatDNN style: ADMM from ``select_epoch`` to ``hard_prune_epoch``
+    with penalty ``rho`` toward the pattern set and the connectivity set; the auxiliary and dual
+    variables are updated every ``update_interval`` steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rho: float = Field(0.1, gt=0.0)
+    update_interval: int = Field(50, ge=1)
+
+
 class PruningConfig(BaseModel):
     """What to prune, how hard, and when (epochs count from 0).
 
@@ -18,7 +43,9 @@ class PruningConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["clicktrain", "dense"] = "clicktrain"
+    # clicktrain: during training; prunetrain: channel pruning during training; admm: pattern
+    # pruning after dense training (phases from select_epoch / hard_prune_epoch); dense: none.
+    method: Literal["clicktrain", "prunetrain", "admm", "dense"] = "clicktrain"
     # Which convs: shell globs over module names; only 3x3 convs (groups=1) are pruned.
     include: list[str] = ["*"]
     exclude: list[str] = []
@@ -42,6 +69,9 @@ class PruningConfig(BaseModel):
     lasso: float = Field(1e-2, ge=0.0)
     # Mixup (alpha) in the hard-pruning phase, as the authors' code does; 0 = off.
     mixup_alpha: float = Field(0.0, ge=0.0)
+    # Method-specific settings ([pruning.prunetrain], [pruning.admm]).
+    prunetrain: PruneTrainConfig = PruneTrainConfig()
+    admm: AdmmConfig = AdmmConfig()
 
     @field_validator("patterns")
     @classmethod

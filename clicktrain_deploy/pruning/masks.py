@@ -78,12 +78,20 @@ def select_layer_mask(importance: Tensor, library: Tensor, block_size: int, rati
     out_channels, in_channels = importance.shape[:2]
     group = block_sum(importance.reshape(out_channels, in_channels, TAPS).double(), block_size)
     pattern_ids = (group @ library.double().T).argmax(-1)  # (G_out, C_in)
-    group_importance = group.sum(-1).flatten()
-    order = torch.argsort(group_importance, stable=True)
-    removed = order[: removal_count(len(order), ratio)]
-    flat = pattern_ids.flatten()
-    flat[removed] = REMOVED
-    return LayerMask(out_channels, block_size, flat.view_as(pattern_ids))
+    pattern_ids[~kept_groups(group.sum(-1), ratio)] = REMOVED
+    return LayerMask(out_channels, block_size, pattern_ids)
+
+
+def kept_groups(group_importance: Tensor, ratio: float) -> Tensor:
+    """Connectivity: bool (G_out, C_in), False for the ``ratio`` share of groups with the least
+    importance, ranked layer-wide (ties broken by position, so the choice is deterministic).
+
+    group_importance: float (G_out, C_in), one total per (output block, input channel) group.
+    """
+    order = torch.argsort(group_importance.flatten(), stable=True)
+    keep = torch.ones(group_importance.numel(), dtype=torch.bool)
+    keep[order[: removal_count(len(order), ratio)]] = False
+    return keep.view_as(group_importance)
 
 
 def group_lasso(weight: Tensor, removal: Tensor, block_size: int) -> Tensor:

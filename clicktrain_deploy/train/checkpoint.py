@@ -1,7 +1,8 @@
 """Checkpoints: one file per epoch in ``<output_dir>/checkpoints``, written atomically.
 
-A checkpoint holds everything to continue bit-for-bit: model, optimizer, LR scheduler, pruner
-(library, masks, phase), torch's RNG state, the recipe and the metrics so far.
+A checkpoint holds everything to continue bit-for-bit: model, optimizer, LR scheduler, pruning
+method state (ClickTrain: library, masks, phase; PruneTrain: live channels, lasso coefficient;
+ADMM: its variables), torch's RNG state, the recipe and the metrics so far.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..config import parse_recipe
 from ..errors import CheckpointError
 from ..fileio import atomic_write
 from ..models import create_model
-from ..pruning.clicktrain import ClickTrainPruner
+from ..pruning.method import PruningMethod, create_method
 
 FORMAT = "clicktrain-deploy/checkpoint"
 VERSION = 1
@@ -66,14 +67,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def restore_model(saved: dict) -> tuple[torch.nn.Module, ClickTrainPruner | None]:
-    """Rebuild the trained model, and its pruner (None for dense runs), from a checkpoint."""
+def restore_model(saved: dict) -> tuple[torch.nn.Module, PruningMethod]:
+    """Rebuild the trained model (shrunk as PruneTrain left it) and its pruning method from a
+    checkpoint; ``method.masks`` is empty where no conv is pattern-pruned."""
     recipe = parse_recipe(saved["recipe"], saved["path"])
     model = create_model(recipe.model.name, len(saved["data"]["classes"]),
                          saved["data"]["input_shape"][0])
+    method = create_method(model, recipe.pruning)
+    method.load_state_dict(saved["pruner"])
     model.load_state_dict(saved["model"])
-    if saved["pruner"] is None:
-        return model, None
-    pruner = ClickTrainPruner(model, recipe.pruning)
-    pruner.load_state_dict(saved["pruner"])
-    return model, pruner
+    return model, method

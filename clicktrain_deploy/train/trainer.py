@@ -1,4 +1,4 @@
-"""The training loop: dense warm-up, selection, group lasso, hard pruning; resumable per epoch."""
+"""The training loop, resumable per epoch; the pruning method's hooks run at fixed points of it."""
 from __future__ import annotations
 
 import json
@@ -19,9 +19,10 @@ from ..data import BatchIterator, ImageData, load_data
 from ..errors import CheckpointError, RecipeError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..models import create_model
-from ..pruning.clicktrain import ClickTrainPruner
-from ..pruning.report import SparsityReport, sparsity_report
+from ..pruning.method import EpochContext, PruningMethod, create_method
+from ..pruning.report import SparsityReport
 from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from .flops import TRAINING_PASSES, forward_flops
 
 
 @dataclass
@@ -34,20 +35,31 @@ class TrainResult:
     report: SparsityReport
     metrics: list[dict]
     model: nn.Module
-    pruner: ClickTrainPruner | None
+    pruner: PruningMethod
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LR multiplier: cosine to 0 over the run, step decay at milestones, or constant."""
+    """Per-step LR multiplier: cosine to 0 over the run, step decay at milestones, or constant.
+
+    With ``schedule.restarts`` the run is cut into segments at those epochs; each later segment
+    starts over (cosine over the segment, milestones counted from its start) at ``restart_lr``.
+    """
     s = recipe.schedule
-    total = s.epochs * steps_per_epoch
-    if s.lr_schedule == "cosine":
-        factor = lambda step: 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
-    elif s.lr_schedule == "multistep":
-        factor = lambda step: s.gamma ** sum(step >= m * steps_per_epoch for m in s.milestones)  # noqa: E731
-    else:
-        factor = lambda step: 1.0  # noqa: E731
+    starts = [0, *(r * steps_per_epoch for r in s.restarts)]
+    ends = [*starts[1:], s.epochs * steps_per_epoch]
+    restart_scale = (s.restart_lr or s.lr) / s.lr
+
+    def factor(step: int) -> float:
+        segment = sum(step >= start for start in starts[1:])
+        offset, total = step - starts[segment], ends[segment] - starts[segment]
+        scale = restart_scale if segment else 1.0
+        if s.lr_schedule == "cosine":
+            return scale * 0.5 * (1 + math.cos(math.pi * offset / total))
+        if s.lr_schedule == "multistep":
+            return scale * s.gamma ** sum(offset >= m * steps_per_epoch for m in s.milestones)
+        return scale
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -66,16 +78,16 @@ def evaluate(model: nn.Module, batches: BatchIterator | distributed.ShardedBatch
     return loss / count, 100.0 * correct / count
 
 
-def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, pruner: ClickTrainPruner | None,
+def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, pruner: PruningMethod | None,
                    phase: str) -> float:
-    """One update in a pruning phase: add the group lasso while regularizing, back-propagate,
-    step, and put the weights back on the masks once hard. Returns the penalty added (0 if none)."""
-    penalty = pruner.penalty() if pruner and phase == "regularize" else None
+    """One update in a pruning phase: add the method's penalty (group lasso, ADMM), back-propagate,
+    step, and let the method act on the weights (masks). Returns the penalty added (0 if none)."""
+    penalty = pruner.penalty_term(loss, phase) if pruner else None
     optimizer.zero_grad(set_to_none=True)
     (loss if penalty is None else loss + penalty).backward()
     optimizer.step()
-    if pruner and pruner.hard:
-        pruner.enforce(optimizer)
+    if pruner:
+        pruner.after_step(optimizer)
     return 0.0 if penalty is None else float(penalty.detach())
 
 
@@ -146,8 +158,7 @@ class _Run:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
                                          weight_decay=s.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, recipe, len(self.train_batches))
-        self.pruner = (ClickTrainPruner(self.model, recipe.pruning)
-                       if recipe.pruning.method == "clicktrain" else None)
+        self.pruner = create_method(self.model, recipe.pruning)
         self.metrics: list[dict] = []
         self.start_epoch = 0
 
@@ -159,39 +170,38 @@ class _Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "pruner": self.pruner.state_dict() if self.pruner else None,
+            "pruner": self.pruner.state_dict(),
             "rng": torch.get_rng_state(),
             "metrics": self.metrics,
         }
 
     def restore(self, saved: dict) -> None:
+        self.pruner.load_state_dict(saved["pruner"])  # first: it may shrink the model (PruneTrain)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        if self.pruner:
-            self.pruner.load_state_dict(saved["pruner"])
         torch.set_rng_state(saved["rng"])
         self.metrics = saved["metrics"]
         self.start_epoch = saved["epoch"] + 1
 
     def report(self) -> SparsityReport:
-        if self.pruner is None:
-            return sparsity_report(self.model, {}, None)
-        return sparsity_report(self.model, self.pruner.masks, self.pruner.library)
+        return self.pruner.report(self.model)
+
+    def context(self, epoch: int) -> EpochContext:
+        return EpochContext(epoch, self.recipe.schedule.epochs, self.model, self.optimizer,
+                            lambda limit: self.train_batches.epoch(epoch, limit=limit),
+                            nn.functional.cross_entropy)
 
     def train_epoch(self, epoch: int, progress: Progress, task) -> dict:
         recipe, pruner = self.recipe, self.pruner
-        phase = pruner.phase(epoch) if pruner else "dense"
-        if pruner and phase != "dense" and not pruner.selected:
-            limit = recipe.pruning.importance_batches
-            pruner.select(self.net, self.train_batches.epoch(epoch, limit=limit),
-                          nn.functional.cross_entropy)
-        if pruner and phase == "hard" and not pruner.hard:
-            pruner.harden(self.optimizer)
-        mixup = pruner is not None and phase == "hard" and recipe.pruning.mixup_alpha > 0
+        phase = pruner.phase(epoch)
+        pruner.begin_epoch(self.context(epoch))
+        self.net = distributed.wrap(self.model)  # again: a method may have reshaped the model
+        mixup = phase == "hard" and recipe.pruning.mixup_alpha > 0
         generator = torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
         rng = np.random.RandomState(recipe.seed * 7_919 + epoch)
-        sparsity = 1.0 - 1.0 / self.report().compression["pruned_layers"] if pruner and pruner.hard else 0.0
+        sparsity = 1.0 - 1.0 / self.report().compression["paper_convs"]
+        flops_per_image = TRAINING_PASSES * forward_flops(self.model, self.data_info["input_shape"])
         self.model.train()
         loss_sum, penalty_sum, correct, count = 0.0, 0.0, 0, 0
         progress.reset(task, total=len(self.train_batches), description=f"epoch {epoch} {phase}")
@@ -215,6 +225,7 @@ class _Run:
         train_seconds = time.perf_counter() - started
         loss_sum, penalty_sum, correct, count = distributed.all_reduce_sums(
             loss_sum, penalty_sum, correct, count)
+        pruner.end_epoch(self.context(epoch))
         if recipe.schedule.bn_recalibration_batches:
             recalibrate_batchnorm(self.model, self.train_batches.epoch(
                 epoch, limit=recipe.schedule.bn_recalibration_batches))
@@ -227,7 +238,7 @@ class _Run:
             "lasso_penalty": penalty_sum / count, "test_loss": test_loss, "test_accuracy": test_acc,
             "pruned_layer_compression": report.compression["pruned_layers"],
             "paper_conv_compression": report.compression["paper_convs"],
-            "epoch_seconds": train_seconds,
+            "epoch_seconds": train_seconds, "train_flops": flops_per_image * count,
         }
 
 

@@ -1,0 +1,171 @@
+"""PruneTrain (Lym et al., SC'19): channel group lasso during training, with physical shrinking.
+
+The loss gets a group lasso over the output channels and input channels of every conv and the
+input neurons of the classifier, its coefficient fixed at the first step so that the penalty is
+``penalty_ratio`` of the loss. Every ``interval`` epochs (and after the last) every channel whose
+weights are all below ``threshold`` in every layer touching it is removed: the model becomes a
+smaller dense model, its parameters keep their identity (so optimizer and LR schedule go on) and
+the optimizer state is sliced with them. Which channels touch which layers comes from the model's
+``channel_nodes()`` (``models/channels.py``); residual stages keep the union of live channels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PruningError
+from ..models.channels import ChannelNode
+from .config import PruningConfig
+from .method import PRUNING_METHODS, EpochContext
+from .report import SparsityReport, build_report
+
+
+def _take(param: nn.Parameter, dim: int, index: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Keep ``index`` along ``dim`` of a parameter and of optimizer state shaped like it."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            state[key] = value.index_select(dim, index)
+    param.data = param.data.index_select(dim, index)
+    param.grad = None
+
+
+def reader_channel_norms(reader: nn.Conv2d | nn.Linear) -> Tensor:
+    """Largest |w| per input channel of a conv (C_out, C_in, k, k) or linear (out, C_in): (C_in,)."""
+    return reader.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+
+
+def live_channels(node: ChannelNode, threshold: float) -> Tensor:
+    """bool (C,): channels with a weight of magnitude >= ``threshold`` in any layer of the node."""
+    live = torch.zeros(node.width, dtype=torch.bool)
+    for conv, _ in node.producers:
+        live |= conv.weight.detach().abs().flatten(1).amax(1) >= threshold
+    for reader in node.consumers:
+        live |= reader_channel_norms(reader) >= threshold
+    return live
+
+
+@torch.no_grad()
+def remove_channels(node: ChannelNode, keep: Tensor,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Shrink every layer of ``node`` to channels ``keep`` (int64, ascending), in place."""
+    for conv, norm in node.producers:
+        _take(conv.weight, 0, keep, optimizer)
+        if conv.bias is not None:
+            _take(conv.bias, 0, keep, optimizer)
+        conv.out_channels = len(keep)
+        for param in (norm.weight, norm.bias):
+            _take(param, 0, keep, optimizer)
+        norm.running_mean = norm.running_mean[keep]
+        norm.running_var = norm.running_var[keep]
+        norm.num_features = len(keep)
+    for reader in node.consumers:
+        _take(reader.weight, 1, keep, optimizer)
+        if isinstance(reader, nn.Conv2d):
+            reader.in_channels = len(keep)
+        else:
+            reader.in_features = len(keep)
+
+
+def channel_group_lasso(nodes: list[ChannelNode]) -> Tensor:
+    """Sum of sqrt(sum w^2 + 1e-8) over every output channel of every conv and every input
+    channel of every reader (the stem's image planes are read by no node, so they are free)."""
+    total = 0.0
+    for node in nodes:
+        for conv, _ in node.producers:
+            total = total + conv.weight.pow(2).flatten(1).sum(1).add(1e-8).sqrt().sum()
+        for reader in node.consumers:
+            total = total + reader.weight.pow(2).transpose(0, 1).flatten(1).sum(1).add(1e-8).sqrt().sum()
+    return total
+
+
+def _expand(tensor: Tensor, dim: int, ids: Tensor, width: int) -> Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return tensor.new_zeros(shape).index_copy_(dim, ids, tensor)
+
+
+@PRUNING_METHODS.register("prunetrain")
+class PruneTrain:
+    """The PruneTrain method; ``channels`` maps each node to the original ids of its live channels."""
+
+    masks: dict = {}
+    library: Tensor | None = None
+
+    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+        if not hasattr(model, "channel_nodes"):
+            raise PruningError(f"model {type(model).__name__}: PruneTrain needs the model's channel "
+                               "graph (a channel_nodes() method); the ResNets and VGGs have one")
+        self.config = config.prunetrain
+        self.model = model
+        self.nodes = model.channel_nodes()
+        self.widths = {node.name: node.width for node in self.nodes}
+        self.channels = {node.name: torch.arange(node.width) for node in self.nodes}
+        self.coefficient: float | None = None
+
+    def phase(self, epoch: int) -> str:
+        return "regularize"
+
+    def begin_epoch(self, context: EpochContext) -> None:
+        pass
+
+    def penalty_term(self, loss: Tensor, phase: str) -> Tensor:
+        """coefficient * channel group lasso; the first call fixes the coefficient from ``loss``."""
+        lasso = channel_group_lasso(self.nodes)
+        if self.coefficient is None:
+            ratio = self.config.penalty_ratio
+            self.coefficient = ratio * float(loss.detach()) / (float(lasso.detach()) * (1 - ratio))
+        return self.coefficient * lasso
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def end_epoch(self, context: EpochContext) -> None:
+        if (context.epoch + 1) % self.config.interval == 0 or context.epoch + 1 == context.epochs:
+            self.reconfigure(context.optimizer)
+
+    def reconfigure(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Remove every channel dead in all layers of its node; returns how many were removed.
+        A node keeps at least its strongest channel."""
+        removed = 0
+        for node in self.nodes:
+            live = live_channels(node, self.config.threshold)
+            if live.all():
+                continue
+            if not live.any():
+                live[reader_channel_norms(node.consumers[0]).argmax()] = True
+            keep = live.nonzero().flatten()
+            remove_channels(node, keep, optimizer)
+            self.channels[node.name] = self.channels[node.name][keep]
+            removed += len(live) - len(keep)
+        return removed
+
+    def state_dict(self) -> dict:
+        return {"coefficient": self.coefficient, "channels": dict(self.channels)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Shrink the (full-size) model to the saved channels; its weights are loaded after."""
+        self.coefficient = state["coefficient"]
+        for node in self.nodes:
+            saved = state["channels"].get(node.name)
+            if saved is None or (len(saved) and int(saved.max()) >= self.widths[node.name]):
+                raise PruningError(f"channel node {node.name!r}: the saved channels do not fit the model")
+            keep = torch.searchsorted(self.channels[node.name], saved)
+            if not torch.equal(self.channels[node.name][keep], saved):
+                raise PruningError(f"channel node {node.name!r}: saved channels were already removed")
+            if len(keep) < node.width:
+                remove_channels(node, keep)
+            self.channels[node.name] = saved.clone()
+
+    def report(self, model: nn.Module) -> SparsityReport:
+        """Compression against the original widths: removed channels count as zeros."""
+        full = {id(p): p.detach() for p in model.parameters()}
+        for node in self.nodes:
+            ids, width = self.channels[node.name], self.widths[node.name]
+            for conv, norm in node.producers:
+                for param in (conv.weight, norm.weight, norm.bias):
+                    full[id(param)] = _expand(full[id(param)], 0, ids, width)
+            for reader in node.consumers:
+                full[id(reader.weight)] = _expand(full[id(reader.weight)], 1, ids, width)
+        convs = [full[id(m.weight)] for m in model.modules() if isinstance(m, nn.Conv2d)]
+        return build_report([], convs, list(full.values()), None)
