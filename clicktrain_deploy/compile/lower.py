@@ -75,6 +75,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 class _Lowering:
+    batch = 1  # images per call of the built module
+
     def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
                  measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None):
         self.model, self.target, self.measure = model, target, measure
@@ -187,25 +189,32 @@ class _Lowering:
         out_hw = ((x.height - 1) // stride[0] + 1, (x.width - 1) // stride[0] + 1)
         base = dict(in_channels=ic, out_channels=oc, height=x.height, width=x.width, stride=stride[0],
                     in_lanes=x.lanes, lanes=lanes, relu=relu, residual=residual is not None)
-        built = []
-        for kernel, groups, assign in candidates:
-            tile = (self.layout.pattern_tile if len(groups[0]) == 4
-                    else choose_tile(*out_hw, self.layout.dense_tiles))
-            spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
-            ptr, coff, wv = compact_weights(weight, assign, spec)
-            spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
-            built.append((kernel, spec, [ptr, coff, wv]))
+        built = [self._conv_kernel(kernel, groups, assign, weight, base, out_hw)
+                 for kernel, groups, assign in candidates]
         kernel, spec, packed, entry = self._choose(name, list(weight.shape), built)
         self.manifest.append(entry)
-        oh, ow = spec.out_hw
         bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
         bias_blocks[:oc] = bias
         args = [x.expr, *packed, bias_blocks.reshape(spec.out_blocks, lanes)]
         if residual is not None:
             args.append(self.value(residual).expr)
-        source = conv_tvmscript(spec, "__NAME__")
-        out = self._call(source, "conv", args, (spec.out_blocks, oh, ow, lanes))
-        return _Value(out, oc, oh, ow, lanes)
+        return self._emit_conv(spec, args)
+
+    def _conv_kernel(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, base: dict,
+                     out_hw: tuple[int, int]) -> tuple[str, ConvSpec, list[np.ndarray]]:
+        """One candidate kernel of a conv: its spec and compact weights (ptr, coff, wv)."""
+        tile = (self.layout.pattern_tile if len(groups[0]) == 4
+                else choose_tile(*out_hw, self.layout.dense_tiles))
+        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
+        ptr, coff, wv = compact_weights(weight, assign, spec)
+        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
+        return kernel, spec, [ptr, coff, wv]
+
+    def _emit_conv(self, spec: ConvSpec, args: list) -> _Value:
+        """Call the chosen conv kernel on (input, compact weights, bias blocks, residual?)."""
+        oh, ow = spec.out_hw
+        out = self._call(conv_tvmscript(spec, "__NAME__"), "conv", args, (spec.out_blocks, oh, ow, spec.lanes))
+        return _Value(out, spec.out_channels, oh, ow, spec.lanes)
 
     def _conv_candidates(self, weight: np.ndarray, layer, lanes: int) -> list:
         oc, ic = weight.shape[:2]
@@ -300,18 +309,22 @@ class _Lowering:
         graph_input = self.model.graph.input[0]
         dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]]
         channels, height, width = dims
-        x = relax.Var(graph_input.name, relax.TensorType((1, channels, height, width), "float32"))
+        x = relax.Var(graph_input.name, relax.TensorType((self.batch, channels, height, width), "float32"))
         with self.builder.function("main", [x]):
             with self.builder.dataflow():
-                in_lanes = channels if channels < self.lanes else self.lanes
-                blocks = math.ceil(channels / in_lanes)
-                packed = self._call(pack_tvmscript(channels, height, width, in_lanes, "__NAME__"),
-                                    "pack", [x], (blocks, height, width, in_lanes))
-                self.values[graph_input.name] = _Value(packed, channels, height, width, in_lanes)
+                self.values[graph_input.name] = self._input(x, channels, height, width)
                 out = self.value(self.model.graph.output[0].name)
                 result = self.builder.emit_output(out.expr)
             self.builder.emit_func_output(result)
         return self.builder.get()
+
+    def _input(self, x: relax.Var, channels: int, height: int, width: int) -> _Value:
+        """The model input (1, C, H, W) packed into NCHW[Li]c."""
+        in_lanes = channels if channels < self.lanes else self.lanes
+        blocks = math.ceil(channels / in_lanes)
+        packed = self._call(pack_tvmscript(channels, height, width, in_lanes, "__NAME__"),
+                            "pack", [x], (blocks, height, width, in_lanes))
+        return _Value(packed, channels, height, width, in_lanes)
 
 
 def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
