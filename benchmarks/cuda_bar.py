@@ -3,6 +3,8 @@ ours pattern-sparse vs ours dense vs torch (cuDNN), at batch 1 and 32, on the ma
 
     .venv/bin/python benchmarks/cuda_bar.py --run runs/training_bar/clicktrain_B16 --out benchmarks/results/cuda_bar
     .venv/bin/python benchmarks/cuda_bar.py --run ... --compile-only   # no GPU: builds and plans, times nothing
+    .venv/bin/python benchmarks/cuda_bar.py --run ... --emulate --batches 1 2 --rounds 1 --out /tmp/x
+        # no GPU: the whole script on the CPU, with the GPU kernels' statements emulated (figures meaningless)
 
 The torch column needs a CUDA build of torch on the GPU machine (the project pins the CPU wheel).
 Timings are device-synchronised wall time per call, median of interleaved rounds: every variant
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-BATCHES = (1, 32)
 
 
 def kernel_calls(module) -> list[dict]:
@@ -31,7 +32,7 @@ def kernel_calls(module) -> list[dict]:
     calls = []
     for binding in module["main"].body.blocks[0].bindings:
         call = binding.value
-        if getattr(call.op, "name", None) != "relax.call_tir":
+        if getattr(getattr(call, "op", None), "name", None) != "relax.call_tir":
             continue
         args = [a.value.numpy() if hasattr(a, "value") else tuple(int(d) for d in a.ty.shape)
                 for a in call.args[1].fields]
@@ -60,10 +61,11 @@ def interleaved(fns: dict[str, Callable], sync: Callable, rounds: int, sample_s:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def build(onnx_path: Path, target: str, work: Path) -> dict:
+def build(onnx_path: Path, target: str, work: Path, batches: list[int], emulate: bool) -> dict:
     """Sparse and dense libraries for every batch, and their kernel calls (same order in both)."""
-    from clicktrain_deploy.compile.build import compile_model
+    from clicktrain_deploy.compile.build import CompiledModel, compile_model
     from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
+    from clicktrain_deploy.compile.cuda.toolchain import build_emulated
     from clicktrain_deploy.compile.targets import TARGETS
     from clicktrain_deploy.export.onnx_export import load_onnx
     from clicktrain_deploy.passes.onnx_passes import verify
@@ -71,19 +73,28 @@ def build(onnx_path: Path, target: str, work: Path) -> dict:
     model = load_onnx(onnx_path)
     metadata = verify(model)
     builds = {}
-    for batch in BATCHES:
+    for batch in batches:
         for variant, sparse in (("sparse", True), ("dense", False)):
-            built = compile_model(onnx_path, target, work / f"{variant}_b{batch}.so", sparse=sparse, batch=batch)
-            module, _, _ = lower_onnx_cuda(model, metadata if sparse else None, TARGETS.get(target)(), batch)
+            library = work / f"{variant}_b{batch}.so"
+            module, layers, _ = lower_onnx_cuda(model, metadata if sparse else None, TARGETS.get(target)(), batch,
+                                                emulate)
+            if emulate:
+                build_emulated(module).export_library(str(library))
+                built = CompiledModel(library, {"layers": [l.to_dict() for l in layers], "device_code": {}},
+                                      TARGETS.get(target)())
+            else:
+                built = compile_model(onnx_path, target, library, sparse=sparse, batch=batch)
+                print(f"built {variant} batch {batch}: {built.manifest['compile_seconds']} s, "
+                      f"{built.manifest['device_code']}", flush=True)
             builds[variant, batch] = (built, kernel_calls(module))
-            print(f"built {variant} batch {batch}: {built.manifest['compile_seconds']} s, "
-                  f"{built.manifest['device_code']}", flush=True)
     return builds
 
 
-def validate(builds: dict, onnx_path: Path, images: np.ndarray) -> dict:
+def validate(builds: dict, onnx_path: Path, images: np.ndarray, device) -> dict:
     """Max |ours - onnxruntime| per build on real images; fails beyond 1e-4 + 1e-4 * max|logit|."""
-    from clicktrain_deploy.compile.cuda.toolchain import run_on_cuda
+    import tvm
+    from tvm import relax
+
     from clicktrain_deploy.export.check import onnxruntime_session
 
     session = onnxruntime_session(onnx_path.read_bytes())
@@ -91,35 +102,37 @@ def validate(builds: dict, onnx_path: Path, images: np.ndarray) -> dict:
     for (variant, batch), (built, _) in builds.items():
         x = images[:batch]
         expected = session.run(None, {"input": x})[0]
-        diff = float(np.abs(run_on_cuda(built.library, x) - expected).max())
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(built.library)), device)
+        diff = float(np.abs(vm["main"](tvm.runtime.tensor(x, device)).numpy() - expected).max())
         if diff > 1e-4 + 1e-4 * float(np.abs(expected).max()):
             raise SystemExit(f"{variant} batch {batch}: max |diff| {diff:.2e} vs onnxruntime is beyond 1e-4")
         diffs[f"{variant}_b{batch}"] = diff
     return diffs
 
 
-def measure(builds: dict, run: Path, images: np.ndarray, rounds: int) -> dict:
+def measure(builds: dict, run: Path, images: np.ndarray, rounds: int, device) -> dict:
     import torch
     import tvm
     from tvm import relax
 
     from clicktrain_deploy.train import load_checkpoint, restore_model
 
-    device = tvm.cuda(0)
+    torch_device = "cuda" if device.dlpack_device_type() == tvm.cuda(0).dlpack_device_type() else "cpu"
     torch.backends.cudnn.benchmark = True
-    model = restore_model(load_checkpoint(run))[0].eval().cuda()
+    model = restore_model(load_checkpoint(run))[0].eval().to(torch_device)
 
     def sync():
         device.sync()
-        torch.cuda.synchronize()
+        if torch_device == "cuda":
+            torch.cuda.synchronize()
 
     results = {"whole": {}, "layers": {}}
-    for batch in BATCHES:
+    for batch in sorted({batch for _, batch in builds}):
         x = images[:batch]
         libs = {v: tvm.runtime.load_module(str(builds[v, batch][0].library)) for v in ("sparse", "dense")}
         vms = {v: relax.VirtualMachine(lib, device) for v, lib in libs.items()}
         tx = tvm.runtime.tensor(x, device)
-        torch_x = torch.from_numpy(x).cuda()
+        torch_x = torch.from_numpy(x).to(torch_device)
 
         def run_torch():
             with torch.no_grad():
@@ -128,12 +141,12 @@ def measure(builds: dict, run: Path, images: np.ndarray, rounds: int) -> dict:
         results["whole"][batch] = interleaved(
             {"ours_sparse": lambda: vms["sparse"]["main"](tx), "ours_dense": lambda: vms["dense"]["main"](tx),
              "torch": run_torch}, sync, rounds)
-        results["layers"][batch] = _layers(builds, batch, libs, device, sync, rounds)
+        results["layers"][batch] = _layers(builds, batch, libs, device, torch_device, sync, rounds)
         print(f"batch {batch}: {results['whole'][batch]}", flush=True)
     return results
 
 
-def _layers(builds, batch, libs, device, sync, rounds) -> list[dict]:
+def _layers(builds, batch, libs, device, torch_device, sync, rounds) -> list[dict]:
     """Per conv: our sparse kernel, our dense kernel and torch on the same shapes."""
     import torch
     import tvm
@@ -142,7 +155,10 @@ def _layers(builds, batch, libs, device, sync, rounds) -> list[dict]:
     layers = [l for l in builds["sparse", batch][0].manifest["layers"] if l["op"] == "conv"]
     calls = {v: [c for c in builds[v, batch][1] if c["kernel"].startswith("conv")] for v in ("sparse", "dense")}
     rows = []
-    for layer, sparse_call, dense_call in zip(layers, calls["sparse"], calls["dense"]):
+    for layer, sparse_call, dense_call in zip(layers, calls["sparse"], calls["dense"], strict=True):
+        x_shape, out = sparse_call["args"][0], sparse_call["out"]
+        if layer["shape"][:2] != [out[1], x_shape[1]] or dense_call["out"] != out:
+            raise SystemExit(f"{layer['layer']}: manifest and kernel calls are not in the same order")
         fns = {}
         for variant, call in (("ours_sparse", sparse_call), ("ours_dense", dense_call)):
             tensors = [tvm.runtime.tensor(a if isinstance(a, np.ndarray) else rng.standard_normal(a).astype(np.float32),
@@ -150,13 +166,12 @@ def _layers(builds, batch, libs, device, sync, rounds) -> list[dict]:
             tensors.append(tvm.runtime.empty(call["out"], "float32", device))
             kernel = libs[variant[5:]].get_function(call["kernel"], query_imports=True)
             fns[variant] = lambda kernel=kernel, tensors=tensors: kernel(*tensors)
-        x_shape, out = sparse_call["args"][0], sparse_call["out"]
         stride = 1 if out[2] == x_shape[2] else 2
         size = 1 if layer["kernel"] == "pointwise" else 3
-        x = torch.randn(x_shape, device="cuda")
-        w = torch.randn(out[1], x_shape[1], size, size, device="cuda")
-        b = torch.randn(out[1], device="cuda")
-        r = torch.randn(out, device="cuda") if len(sparse_call["args"]) == 6 else None
+        x = torch.randn(x_shape, device=torch_device)
+        w = torch.randn(out[1], x_shape[1], size, size, device=torch_device)
+        b = torch.randn(out[1], device=torch_device)
+        r = torch.randn(out, device=torch_device) if len(sparse_call["args"]) == 6 else None
 
         def run_torch(x=x, w=w, b=b, r=r, stride=stride, pad=size // 2):
             with torch.no_grad():
@@ -197,41 +212,46 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cuda_bar"))
     parser.add_argument("--work", type=Path, default=Path("runs/cuda_bar"))
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--compile-only", action="store_true", help="build and plan without a GPU")
+    parser.add_argument("--emulate", action="store_true",
+                        help="run everything on the CPU with emulated GPU kernels (checks the script, not speed)")
     args = parser.parse_args()
 
-    from clicktrain_deploy.compile.cuda.toolchain import gpu_present, load_cuda_backend
+    import tvm
+
+    from clicktrain_deploy.compile.cuda.toolchain import gpu_present
     from clicktrain_deploy.export.onnx_export import export_onnx, reference_batches
     from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
     from clicktrain_deploy.train import load_checkpoint
 
-    load_cuda_backend()
-    if not args.compile_only and not gpu_present():
-        raise SystemExit("no NVIDIA GPU here: run with --compile-only, or on a GPU machine")
-    import tvm
-
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "") if gpu_present() else "sm_90"
+    on_gpu = gpu_present()
+    if not (args.compile_only or args.emulate or on_gpu):
+        raise SystemExit("no NVIDIA GPU here: run with --compile-only or --emulate, or on a GPU machine")
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "") if on_gpu else "sm_90"
     args.work.mkdir(parents=True, exist_ok=True)
     onnx_path = args.work / "model.onnx"
     export_onnx(args.run, onnx_path)
-    builds = build(onnx_path, f"cuda-{arch.replace('_', '')}", args.work)
-    for (variant, batch), (built, calls) in builds.items():
+    builds = build(onnx_path, f"cuda-{arch.replace('_', '')}", args.work, args.batches, args.emulate)
+    for (variant, batch), (_, calls) in builds.items():
         convs = [c for c in calls if c["kernel"].startswith("conv")]
         print(f"{variant} batch {batch}: {len(calls)} kernels, {len(convs)} convs, input {calls[0]['args'][0]}")
     if args.compile_only:
         return
     import torch
 
-    if not torch.cuda.is_available():
+    if not (args.emulate or torch.cuda.is_available()):
         raise SystemExit(f"torch {torch.__version__} has no CUDA: install a CUDA build of torch for the torch column")
-    batches = reference_batches(load_checkpoint(args.run), max(BATCHES), max(BATCHES)).epoch(0)
+    device = tvm.cpu() if args.emulate else tvm.cuda(0)
+    batches = reference_batches(load_checkpoint(args.run), max(args.batches), max(args.batches)).epoch(0)
     images = next(iter(batches))[0].numpy().astype(np.float32)
-    diffs = validate(builds, onnx_path, images)
-    measured = measure(builds, args.run, images, args.rounds)
-    sparse = builds["sparse", 1][0].manifest
-    result = {"date": datetime.date.today().isoformat(), "gpu": tvm.cuda(0).device_name, "arch": arch,
-              "nvcc": sparse["device_code"]["nvcc"], "torch": torch.__version__, "model": str(args.run),
-              "rounds": args.rounds, "max_abs_diff": diffs, **measured}
+    diffs = validate(builds, onnx_path, images, device)
+    measured = measure(builds, args.run, images, args.rounds, device)
+    result = {"date": datetime.date.today().isoformat(),
+              "gpu": "CPU emulation (not a GPU figure)" if args.emulate else tvm.cuda(0).device_name,
+              "arch": arch, "nvcc": builds["sparse", args.batches[0]][0].manifest["device_code"].get("nvcc"),
+              "torch": torch.__version__, "model": str(args.run), "rounds": args.rounds,
+              "max_abs_diff": diffs, **measured}
     atomic_write_json(args.out.with_suffix(".json"), result)
     atomic_write_text(args.out.with_suffix(".md"), report(result))
     print(report(result))

@@ -110,16 +110,21 @@ def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):
 
 @pytest.fixture(scope="module")
 def sm90_build(exported, tmp_path_factory):
-    """The demo model compiled for sm_90 at batch 2 with nvcc (one build shared by the tests)."""
-    _, result = exported
-    return compile_model(result.path, "cuda-sm90", tmp_path_factory.mktemp("cuda") / "model_sm90.so", batch=2)
+    """The demo model compiled by the CLI for sm_90 at batch 2 with nvcc (one build for the tests)."""
+    library = tmp_path_factory.mktemp("cuda") / "model_sm90.so"
+    out = CliRunner().invoke(app, ["compile", str(exported[1].path), "--target", "cuda", "--arch", "sm_90",
+                                   "--batch", "2", "-o", str(library)])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())  # rich wraps lines
+    assert "for cuda-sm90" in said and "18 pattern" in said
+    return library
 
 
 def test_sm90_library_embeds_nvcc_device_code(sm90_build):
-    assert sm90_build.library.read_bytes()[:4] == b"\x7fELF"
-    assert embedded_fatbins(sm90_build.library) == 1  # device code, not CUDA source
-    tvm.runtime.load_module(str(sm90_build.library))  # the CUDA module deserialises
-    manifest = json.loads(sm90_build.library.with_suffix(".json").read_text())
+    assert sm90_build.read_bytes()[:4] == b"\x7fELF"
+    assert embedded_fatbins(sm90_build) == 1  # device code, not CUDA source
+    tvm.runtime.load_module(str(sm90_build))  # the CUDA module deserialises
+    manifest = json.loads(sm90_build.with_suffix(".json").read_text())
     assert manifest["target"] == "cuda-sm90" and manifest["tvm_target"]["arch"] == "sm_90"
     assert manifest["inputs"][0]["shape"] == [2, 1, 28, 28]
     code = manifest["device_code"]
@@ -129,6 +134,28 @@ def test_sm90_library_embeds_nvcc_device_code(sm90_build):
     convs = [layer for layer in manifest["layers"] if layer["op"] == "conv"]
     assert [layer["kernel"] for layer in convs].count("pattern") == 18
     assert all("fewer multiply-adds" in layer["reason"] for layer in convs if layer["kernel"] == "pattern")
+
+
+def test_emulation_runs_the_gpu_kernels_statements():
+    """What the CPU check runs is the GPU kernel: the same statements, only the thread loops and
+    barriers differ (so the emulated tests above speak for the GPU kernel's indexing)."""
+    weight, ids = _pattern_weight(32, 16, 16, removed=0.3)
+    assign = pattern_assignment(ids, 16, 32, 16)
+    base = dict(in_channels=16, out_channels=32, height=14, width=14, stride=1, in_lanes=1, lanes=16,
+                groups=library_taps(LIBRARY), relu=True, residual=True, batch=2)
+    ptr = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))[0]
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 2, 16))
+    gpu = conv_cuda_tvmscript(spec, "conv")
+    emulated = conv_cuda_tvmscript(spec, "conv", emulate=True).replace("acc[t, ", "acc[")
+    only_gpu = {line.strip() for line in gpu.splitlines()} - {line.strip() for line in emulated.splitlines()}
+    assert only_gpu == {"for bx in T.thread_binding(4, thread='blockIdx.x'):",
+                        "for t in T.thread_binding(98, thread='threadIdx.x'):",
+                        "T.tvm_storage_sync('shared')",
+                        "Xs = T.alloc_buffer((4096,), 'float32', scope='shared')",
+                        "Ws = T.alloc_buffer((1024,), 'float32', scope='shared')",
+                        "acc = T.alloc_buffer((2, 16), 'float32', scope='local')"}
+    assert gpu.count("T.tvm_storage_sync('shared')") == 2  # after the loads, after the compute
+    assert gpu.count("xv: T.float32") == sum(len(g) for g in library_taps(LIBRARY))  # taps unrolled
 
 
 def test_cuda_presets_and_errors(exported, tmp_path):
@@ -151,16 +178,13 @@ def test_cuda_presets_and_errors(exported, tmp_path):
 @needs_gpu
 @pytest.mark.parametrize("sparse", [True, False])
 def test_cuda_build_matches_onnxruntime_on_gpu(exported, fmnist, sm90_build, tmp_path, sparse):
-    from clicktrain_deploy.compile.cuda.toolchain import load_cuda_backend
-
-    load_cuda_backend()
     arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
     _, result = exported
     if sparse and arch == "sm_90":
-        built = sm90_build
+        library = sm90_build
     else:
         target = f"cuda-{arch.replace('_', '')}" if arch in CUDA_ARCHS else "cuda"
-        built = compile_model(result.path, target, tmp_path / "model.so", sparse=sparse, batch=2)
+        library = compile_model(result.path, target, tmp_path / "model.so", sparse=sparse, batch=2).library
     images = _real_inputs(fmnist, 2)
     expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
-    np.testing.assert_allclose(run_on_cuda(built.library, images), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(run_on_cuda(library, images), expected, atol=1e-4, rtol=1e-4)

@@ -191,13 +191,15 @@ class _Lowering:
                     in_lanes=x.lanes, lanes=lanes, relu=relu, residual=residual is not None)
         built = [self._conv_kernel(kernel, groups, assign, weight, base, out_hw)
                  for kernel, groups, assign in candidates]
+        # the residual's producer first, so the manifest lists layers in the order kernels run
+        residual_expr = self.value(residual).expr if residual is not None else None
         kernel, spec, packed, entry = self._choose(name, list(weight.shape), built)
         self.manifest.append(entry)
         bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
         bias_blocks[:oc] = bias
         args = [x.expr, *packed, bias_blocks.reshape(spec.out_blocks, lanes)]
-        if residual is not None:
-            args.append(self.value(residual).expr)
+        if residual_expr is not None:
+            args.append(residual_expr)
         return self._emit_conv(spec, args)
 
     def _conv_kernel(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, base: dict,

@@ -66,13 +66,25 @@ def _build_driver_stub() -> Path:
     return out
 
 
+def find_nvcc() -> str:
+    """nvcc on PATH, else the one NVIDIA's ``nvidia-cuda-nvcc`` wheel put in this environment."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        nvidia = None
+    for root in getattr(nvidia, "__path__", []):
+        for candidate in sorted(Path(root).glob("cu*/bin/nvcc")):
+            return str(candidate)
+    raise CompileError("nvcc not found: CUDA targets need the CUDA toolkit's nvcc on PATH (or the "
+                       "nvidia-cuda-nvcc wheel that scripts/setup.sh installs)")
+
+
 def nvcc_version() -> str:
-    """``release X.Y, VX.Y.Z`` of the nvcc on PATH; a CompileError naming the fix when absent."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise CompileError("nvcc not found on PATH: CUDA targets need the CUDA toolkit's nvcc "
-                           "(e.g. /usr/local/cuda/bin)")
-    lines = subprocess.run([nvcc, "--version"], check=True, capture_output=True, text=True).stdout.splitlines()
+    """``X.Y, VX.Y.Z`` of the nvcc that builds our device code."""
+    lines = subprocess.run([find_nvcc(), "--version"], check=True, capture_output=True, text=True).stdout.splitlines()
     return next((line.split("release ", 1)[1] for line in lines if "release " in line), lines[-1])
 
 
@@ -87,7 +99,7 @@ def nvcc_fatbin(code: str, arch: str) -> tuple[bytes, dict]:
     with tempfile.TemporaryDirectory(prefix="clicktrain-nvcc-") as tmp:
         source, fatbin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         source.write_text(code)
-        command = ["nvcc", "--fatbin", "-O3", "-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]",
+        command = [find_nvcc(), "--fatbin", "-O3", "-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]",
                    "--ptxas-options=-v", "-o", str(fatbin), str(source)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
