@@ -14,7 +14,10 @@ from clicktrain_deploy.compile.build import compile_model
 from clicktrain_deploy.compile.conv_kernels import (
     ALL_TAPS, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
 )
-from clicktrain_deploy.compile.cuda.kernels import CudaConvSpec, conv_cuda_tvmscript, cuda_schedule, entry_channels
+from clicktrain_deploy.compile.cuda.kernels import (
+    CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_schedule, dense_cuda_tvmscript, entry_channels,
+    maxpool_cuda_tvmscript,
+)
 from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
 from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
 from clicktrain_deploy.compile.lower import CompileError
@@ -90,6 +93,22 @@ def test_gpu_dense_connectivity_and_pointwise_convs_match_torch():
     shortcut[:, :, 1, 1] = rng.standard_normal((32, 16))
     _emulated_conv(shortcut, np.zeros((2, 16), int), (((1, 1),),), height=13, width=13, stride=2, lanes=16,
                    relu=False, residual=False)
+
+
+def test_gpu_pool_and_classifier_kernels_match_torch():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    w, b = rng.standard_normal((11, 5)).astype(np.float32), rng.standard_normal(11).astype(np.float32)
+    cases = [(maxpool_cuda_tvmscript(3, 5, 7, 9, "k", emulate=True), [x], (3, 5, 4, 5),
+              torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, ceil_mode=True)),
+             (avgpool_cuda_tvmscript(3, 5, 7, 9, "k", emulate=True), [x], (3, 5), torch.from_numpy(x).mean((2, 3))),
+             (dense_cuda_tvmscript(3, 5, 11, True, "k", emulate=True), [x[:, :, 0, 0].copy(), w, b], (3, 11),
+              torch.relu(torch.from_numpy(x[:, :, 0, 0]) @ torch.from_numpy(w).T + torch.from_numpy(b)))]
+    for source, inputs, shape, expected in cases:
+        kernel = build_emulated(tvm.IRModule({"k": tvm.script.from_source(source)})).jit()["k"]
+        tensors = [tvm.runtime.tensor(a) for a in [*inputs, np.zeros(shape, np.float32)]]
+        kernel(*tensors)
+        np.testing.assert_allclose(tensors[-1].numpy(), expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):

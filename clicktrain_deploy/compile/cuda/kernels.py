@@ -213,17 +213,21 @@ def _elementwise(name: str, params: str, total: int, body: list[str], emulate: b
     return "\n".join(lines + ["                " + line for line in body])
 
 
+def _accumulate(name: str, params: str, total: int, loop: str, term: str, store: str, emulate: bool) -> str:
+    """One thread per output element i: ``acc`` sums ``term`` over ``loop``; then ``store``."""
+    body = ["acc = T.alloc_buffer((1,), 'float32', scope='local')", "acc[0] = T.float32(0)",
+            f"for {loop}:", f"    acc[0] = acc[0] + {term}", store]
+    return _elementwise(name, params, total, body, emulate)
+
+
 def avgpool_cuda_tvmscript(batch: int, channels: int, height: int, width: int, name: str,
                            emulate: bool = False) -> str:
     """(N, C, H, W) -> (N, C): global average pool (+ flatten), one thread per (n, c)."""
     params = (f"X: T.Buffer(({batch}, {channels}, {height}, {width}), 'float32'), "
               f"Y: T.Buffer(({batch}, {channels}), 'float32')")
-    body = ["acc = T.alloc_buffer((1,), 'float32', scope='local')",
-            "acc[0] = T.float32(0)",
-            f"for y, x in T.grid({height}, {width}):",
-            f"    acc[0] = acc[0] + X[i // {channels}, i % {channels}, y, x]",
-            f"Y[i // {channels}, i % {channels}] = acc[0] * T.float32({1.0 / (height * width)!r})"]
-    return _elementwise(name, params, batch * channels, body, emulate)
+    plane = f"i // {channels}, i % {channels}"
+    return _accumulate(name, params, batch * channels, f"y, x in T.grid({height}, {width})", f"X[{plane}, y, x]",
+                       f"Y[{plane}] = acc[0] * T.float32({1.0 / (height * width)!r})", emulate)
 
 
 def maxpool_cuda_tvmscript(batch: int, channels: int, height: int, width: int, name: str,
@@ -246,9 +250,6 @@ def dense_cuda_tvmscript(batch: int, inputs: int, width: int, relu: bool, name: 
     params = (f"X: T.Buffer(({batch}, {inputs}), 'float32'), W: T.Buffer(({width}, {inputs}), 'float32'), "
               f"b: T.Buffer(({width},), 'float32'), Y: T.Buffer(({batch}, {width}), 'float32')")
     value = f"acc[0] + b[i % {width}]"
-    body = ["acc = T.alloc_buffer((1,), 'float32', scope='local')",
-            "acc[0] = T.float32(0)",
-            f"for k in range({inputs}):",
-            f"    acc[0] = acc[0] + X[i // {width}, k] * W[i % {width}, k]",
-            f"Y[i // {width}, i % {width}] = {f'T.max({value}, T.float32(0))' if relu else value}"]
-    return _elementwise(name, params, batch * width, body, emulate)
+    value = f"T.max({value}, T.float32(0))" if relu else value
+    return _accumulate(name, params, batch * width, f"k in range({inputs})",
+                       f"X[i // {width}, k] * W[i % {width}, k]", f"Y[i // {width}, i % {width}] = {value}", emulate)
