@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -125,6 +126,42 @@ def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):
     got = vm["main"](tvm.runtime.tensor(images)).numpy()
     expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_vgg(path):
+    """Conv, ReLU, 2x2 max pool to a 1x1 map, Flatten, Gemm: the VGG ops ResNets do not use."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(6)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], rng.standard_normal(216).astype(np.float32)),
+             helper.make_tensor("b", TensorProto.FLOAT, [8], rng.standard_normal(8).astype(np.float32)),
+             helper.make_tensor("fw", TensorProto.FLOAT, [5, 8], rng.standard_normal(40).astype(np.float32)),
+             helper.make_tensor("fb", TensorProto.FLOAT, [5], rng.standard_normal(5).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "vgg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+
+
+def test_vgg_ops_lower_emulate_and_build_for_sm80(tmp_path):
+    """Max pool and a flatten (dlight's fallback GPU schedule) too: emulated vs onnxruntime, then
+    built with nvcc for another preset."""
+    from tvm import relax
+
+    _tiny_vgg(tmp_path / "vgg.onnx")
+    model = load_onnx(tmp_path / "vgg.onnx")
+    module, layers, _ = lower_onnx_cuda(model, None, TARGETS.get("cuda-sm80")(), batch=2, emulate=True)
+    assert [layer.kernel for layer in layers] == ["dense", "maxpool", "dense"]
+    x = np.random.default_rng(7).standard_normal((2, 3, 2, 2)).astype(np.float32)
+    got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = onnxruntime_session((tmp_path / "vgg.onnx").read_bytes()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    built = compile_model(tmp_path / "vgg.onnx", "cuda-sm80", tmp_path / "vgg.so", batch=2)
+    assert built.manifest["device_code"]["arch"] == "sm_80" and embedded_fatbins(built.library) == 1
 
 
 @pytest.fixture(scope="module")
