@@ -46,7 +46,8 @@ def load_cuda_backend() -> None:
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
     except OSError:
-        ctypes.CDLL(str(_build_driver_stub()), mode=ctypes.RTLD_GLOBAL)
+        with tempfile.TemporaryDirectory(prefix="clicktrain-cuda-") as tmp:  # loaded, the file can go
+            ctypes.CDLL(str(_build_driver_stub(Path(tmp))), mode=ctypes.RTLD_GLOBAL)
     runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
@@ -55,11 +56,11 @@ def load_cuda_backend() -> None:
         raise CompileError(f"TVM's CUDA backend (libtvm_runtime_cuda.so) does not load: {error}") from error
 
 
-def _build_driver_stub() -> Path:
+def _build_driver_stub(folder: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise CompileError("no C compiler (cc) to build the CUDA driver stub: apt-get install gcc")
-    out = Path(tempfile.mkdtemp(prefix="clicktrain-cuda-")) / "libcuda.so.1"
+    out = folder / "libcuda.so.1"
     source = Path(__file__).with_name("libcuda_stub.c")
     subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", str(out), str(source)],
                    check=True, capture_output=True)
