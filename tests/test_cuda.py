@@ -43,7 +43,7 @@ def _emulated_conv(weight, assign, groups, *, height, width, stride, lanes, batc
     base = dict(in_channels=in_channels, out_channels=out_channels, height=height, width=width, stride=stride,
                 in_lanes=1, lanes=lanes, groups=groups, relu=relu, residual=residual, batch=batch)
     ptr, _, wv = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))
-    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(oh, ow, 32 // lanes, 5))
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(oh, ow, stride, 32 // lanes, 5))
     func = tvm.script.from_source(conv_cuda_tvmscript(spec, "conv", emulate=True))
     kernel = build_emulated(tvm.IRModule({"conv": func})).jit()["conv"]
     rng = np.random.default_rng(0)
@@ -200,7 +200,7 @@ def test_emulation_runs_the_gpu_kernels_statements():
     base = dict(in_channels=16, out_channels=32, height=14, width=14, stride=1, in_lanes=1, lanes=16,
                 groups=library_taps(LIBRARY), relu=True, residual=True, batch=2)
     ptr = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))[0]
-    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 2, 16))
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 1, 2, 16))
     gpu = conv_cuda_tvmscript(spec, "conv")
     emulated = conv_cuda_tvmscript(spec, "conv", emulate=True).replace("acc[t, ", "acc[")
     only_gpu = {line.strip() for line in gpu.splitlines()} - {line.strip() for line in emulated.splitlines()}

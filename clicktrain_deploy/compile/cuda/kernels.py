@@ -60,23 +60,19 @@ class CudaConvSpec(ConvSpec):
         return (th - 1) * self.stride + 3, (tw - 1) * self.stride + 3
 
 
-def cuda_schedule(out_height: int, out_width: int, rows_per_thread: int, max_entries: int) -> dict:
+def cuda_schedule(out_height: int, out_width: int, stride: int, rows_per_thread: int, max_entries: int) -> dict:
     """Tile, rows per thread and chunk of a conv with an OH x OW output.
 
     A block spans the map's width up to 32 pixels and about ``THREADS`` threads, each computing
-    PY rows (the layout's register tile); CK is at most the most entries of one output block.
+    PY rows (the layout's register tile). CK, the entries staged at a time, is at most 16, the
+    most entries of one output block, and what keeps the input tiles within SHARED_TILE_FLOATS.
     """
     rows_per_thread = max(1, min(rows_per_thread, out_height))
     width = min(out_width, 32)
     thread_rows = max(1, min(math.ceil(out_height / rows_per_thread), THREADS // width))
-    tile = (width, thread_rows * rows_per_thread)
-    return {"tile": tile, "rows_per_thread": rows_per_thread, "chunk": max(1, min(16, max_entries))}
-
-
-def fit_chunk(spec: CudaConvSpec) -> int:
-    """Entries per chunk that keep the staged input within SHARED_TILE_FLOATS."""
-    rows, cols = spec.input_tile
-    return max(1, min(spec.chunk, SHARED_TILE_FLOATS // (rows * cols)))
+    tile_floats = ((thread_rows * rows_per_thread - 1) * stride + 3) * ((width - 1) * stride + 3)
+    chunk = max(1, min(16, max_entries, SHARED_TILE_FLOATS // tile_floats))
+    return {"tile": (width, thread_rows * rows_per_thread), "rows_per_thread": rows_per_thread, "chunk": chunk}
 
 
 def entry_channels(assign: np.ndarray, groups: int) -> np.ndarray:
@@ -112,7 +108,7 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
         raise ValueError("every tap group of one conv must have the same number of taps")
     if th % py:
         raise ValueError(f"tile height {th} is not a multiple of {py} rows per thread")
-    ck = fit_chunk(spec)
+    ck = spec.chunk
     ngroups, entries = len(spec.groups), max(spec.entries, 1)
     row_tiles, col_tiles = math.ceil(oh / th), math.ceil(ow / tw)
     blocks = n_ * spec.out_blocks * row_tiles * col_tiles

@@ -38,7 +38,7 @@ class _CudaLowering(_Lowering):
         ptr, _, wv = compact_weights(weight, assign, spec)
         per_block = np.diff(ptr[:: len(groups)]).max(initial=0)
         rows = (self.layout.pattern_tile if len(groups[0]) == 4 else self.layout.dense_tiles[0])[1]
-        schedule = cuda_schedule(*out_hw, rows, int(per_block))
+        schedule = cuda_schedule(*out_hw, spec.stride, rows, int(per_block))
         spec = CudaConvSpec(groups=groups, entries=int(ptr[-1]), batch=self.batch, **schedule, **base)
         return kernel, spec, [ptr, entry_channels(assign, len(groups)), wv]
 
