@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def kernel_calls(module) -> list[dict]:
     """The ``call_tir`` calls of a lowered module's main, in order: kernel name, argument shapes,
     constant arguments (numpy) and output shape."""
@@ -62,7 +61,7 @@ def interleaved(fns: dict[str, Callable], sync: Callable, rounds: int, sample_s:
 
 
 def build(onnx_path: Path, target: str, work: Path, batches: list[int], emulate: bool) -> dict:
-    """Sparse and dense libraries for every batch, and their kernel calls (same order in both)."""
+    """Sparse and dense libraries for every batch, and their kernel calls (by kernel name)."""
     from clicktrain_deploy.compile.build import CompiledModel, compile_model
     from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
     from clicktrain_deploy.compile.cuda.toolchain import build_emulated
@@ -152,13 +151,15 @@ def _layers(builds, batch, libs, device, torch_device, sync, rounds) -> list[dic
     import tvm
 
     rng = np.random.default_rng(0)
-    layers = [l for l in builds["sparse", batch][0].manifest["layers"] if l["op"] == "conv"]
-    calls = {v: [c for c in builds[v, batch][1] if c["kernel"].startswith("conv")] for v in ("sparse", "dense")}
+    manifests = {v: {l["layer"]: l for l in builds[v, batch][0].manifest["layers"] if l["op"] == "conv"}
+                 for v in ("sparse", "dense")}
+    calls = {v: {c["kernel"]: c for c in builds[v, batch][1]} for v in ("sparse", "dense")}
     rows = []
-    for layer, sparse_call, dense_call in zip(layers, calls["sparse"], calls["dense"], strict=True):
+    for name, layer in manifests["sparse"].items():  # each layer's kernel in both builds, by name
+        sparse_call, dense_call = (calls[v][manifests[v][name]["function"]] for v in ("sparse", "dense"))
         x_shape, out = sparse_call["args"][0], sparse_call["out"]
         if layer["shape"][:2] != [out[1], x_shape[1]] or dense_call["out"] != out:
-            raise SystemExit(f"{layer['layer']}: manifest and kernel calls are not in the same order")
+            raise SystemExit(f"{name}: the manifest's kernel {layer['function']} does not have the layer's shape")
         fns = {}
         for variant, call in (("ours_sparse", sparse_call), ("ours_dense", dense_call)):
             tensors = [tvm.runtime.tensor(a if isinstance(a, np.ndarray) else rng.standard_normal(a).astype(np.float32),

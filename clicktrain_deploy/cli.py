@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .config import load_recipe
 from .errors import ClickTrainError
 from .pruning.report import SparsityReport, sparsity_report
@@ -59,12 +60,18 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue after the newest checkpoint")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Train a model with ClickTrain pattern pruning (or dense) as the recipe says."""
+    """Train a model with ClickTrain pattern pruning (or dense) as the recipe says.
+
+    Under ``torchrun --nproc_per_node=N -m clicktrain_deploy train ...`` the N processes train
+    together (DistributedDataParallel); rank 0 writes the files and prints the summary.
+    """
     try:
         recipe = load_recipe(config)
         result = train_recipe(recipe, resume=resume, progress=not quiet)
     except ClickTrainError as error:
         _fail(error)
+    if not distributed.is_main():
+        return
     _print_report(result.report)
     console.print(f"test accuracy: {result.test_accuracy:.2f}%")
     console.print(f"outputs: {result.output_dir} (checkpoint {result.checkpoint.name}, "

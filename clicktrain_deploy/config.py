@@ -35,6 +35,7 @@ class DataConfig(_Strict):
     name: str = "fashion_mnist"
     root: str | None = None
     train_subset: int | None = Field(None, ge=10)
+    test_subset: int | None = Field(None, ge=10)
     batch_size: int = Field(128, ge=1)
     test_batch_size: int = Field(1000, ge=1)
     crop_padding: int = Field(2, ge=0)

@@ -19,3 +19,7 @@ class PruningError(ClickTrainError):
 
 class CheckpointError(ClickTrainError):
     """A checkpoint is missing, truncated or from an incompatible run."""
+
+
+class DistributedError(ClickTrainError):
+    """A torch.distributed launch is incomplete, or its ranks disagree on masks or weights."""

@@ -99,7 +99,6 @@ def verify(model: onnx.ModelProto) -> PatternMetadata | None:
     if metadata is None:
         return None
     convs = conv_weights(model)
-    library = metadata.library.numpy()
     for entry in metadata.layers:
         where = f"layer {entry.module!r} (initializer {entry.initializer!r})"
         if entry.initializer not in convs:
@@ -109,13 +108,19 @@ def verify(model: onnx.ModelProto) -> PatternMetadata | None:
         if list(weight.shape) != entry.shape or group != 1:
             raise MetadataError(f"{where}: the Conv weight is {list(weight.shape)} with group "
                                 f"{group}; the metadata says {entry.shape} with group 1")
-        ids = entry.mask.kernel_pattern_ids().numpy()
-        allowed = library[np.maximum(ids, 0)] & (ids != REMOVED)[..., None]  # (C_out, C_in, 9)
-        outside = (weight.reshape(allowed.shape) != 0) & ~allowed
-        if outside.any():
-            o, i, tap = (int(v) for v in np.argwhere(outside)[0])
-            state = ("is removed" if ids[o, i] == REMOVED
-                     else f"uses pattern {ids[o, i]} ({format_pattern(metadata.library[ids[o, i]])})")
-            raise MetadataError(f"{where}: kernel (out {o}, in {i}) {state} but has non-zero "
-                                f"weight {weight[o, i].flat[tap]:.6g} at tap (row {tap // 3}, col {tap % 3})")
+        check_weight(entry, weight, metadata, where)
     return metadata
+
+
+def check_weight(entry, weight: np.ndarray, metadata: PatternMetadata, where: str) -> None:
+    """Raise ``MetadataError`` (prefixed by ``where``) at the first kernel of ``weight``
+    (C_out, C_in, 3, 3) with a non-zero weight in a removed kernel or outside its pattern."""
+    ids = entry.mask.kernel_pattern_ids().numpy()
+    allowed = metadata.library.numpy()[np.maximum(ids, 0)] & (ids != REMOVED)[..., None]  # (C_out, C_in, 9)
+    outside = (weight.reshape(allowed.shape) != 0) & ~allowed
+    if outside.any():
+        o, i, tap = (int(v) for v in np.argwhere(outside)[0])
+        state = ("is removed" if ids[o, i] == REMOVED
+                 else f"uses pattern {ids[o, i]} ({format_pattern(metadata.library[ids[o, i]])})")
+        raise MetadataError(f"{where}: kernel (out {o}, in {i}) {state} but has non-zero "
+                            f"weight {weight[o, i].flat[tap]:.6g} at tap (row {tap // 3}, col {tap % 3})")

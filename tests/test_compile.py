@@ -106,3 +106,41 @@ def test_layout_follows_the_models_block_size():
     assert arm.layout_for([4]).lanes == 4
     assert arm.layout_for([1]).lanes == 4  # per-kernel patterns: the connectivity kernel, narrowest
     assert arm.layout_for([]) == arm.dense_layout
+
+
+def test_maxpool_between_convs_stays_blocked_and_matches_onnxruntime(tmp_path):
+    """A VGG-like graph without metadata: conv-relu, 2x2 max pool (odd 7x9 map), conv-relu, pool, Gemm."""
+    rng = np.random.default_rng(0)
+    tensors = {"w1": rng.standard_normal((16, 3, 3, 3)), "b1": rng.standard_normal(16),
+               "w2": rng.standard_normal((20, 16, 3, 3)), "b2": rng.standard_normal(20),
+               "fc": rng.standard_normal((10, 20)), "fcb": rng.standard_normal(10)}
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2],
+                              ceil_mode=1),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "vgg", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 7, 9])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.save(model, tmp_path / "vgg.onnx")
+    built = compile_model(tmp_path / "vgg.onnx", "x86", tmp_path / "vgg.so", measure=False)
+    assert [l["kernel"] for l in built.manifest["layers"]] == ["dense", "dense", "maxpool", "avgpool", "dense"]
+    from tvm import relax
+
+    from clicktrain_deploy.compile.lower import lower_onnx
+    from clicktrain_deploy.compile.targets import TARGETS
+
+    module, _, _ = lower_onnx(model, None, TARGETS.get("x86")())
+    kernels = []
+    relax.analysis.post_order_visit(module["main"], lambda e: kernels.append(e.args[0].name_hint.rstrip(
+        "0123456789")) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    assert kernels == ["pack", "conv", "maxpool", "conv", "avgpool", "dense"]  # no unpack/pack in between
+    image = rng.standard_normal((1, 3, 7, 9)).astype(np.float32)
+    expected = onnxruntime_session(model.SerializeToString()).run(None, {"input": image})[0]
+    np.testing.assert_allclose(run_on_host(built.library, image), expected, atol=1e-4, rtol=1e-4)

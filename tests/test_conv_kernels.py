@@ -63,19 +63,36 @@ def _pattern_weight(out_channels, in_channels, block, removed, seed=0):
     return weight.reshape(out_channels, in_channels, 3, 3), ids
 
 
-@pytest.mark.parametrize("out_channels,in_channels,size,stride,lanes,block", [
-    (16, 16, (8, 8), 1, 16, 16),      # one block, every pattern used
-    (24, 20, (7, 9), 2, 8, 8),        # channels not a multiple of the block, odd sizes, stride 2
-    (32, 16, (14, 14), 2, 4, 16),     # NEON lanes, B=16 model
-    (20, 12, (5, 5), 1, 4, 4),        # OC not a multiple of lanes (last block partial)
+@pytest.mark.parametrize("out_channels,in_channels,size,stride,lanes,block,tile", [
+    (16, 16, (8, 8), 1, 16, 16, (4, 4)),      # one block, every pattern used
+    (24, 20, (7, 9), 2, 8, 8, (4, 4)),        # channels not a multiple of the block, odd sizes, stride 2
+    (32, 16, (14, 14), 2, 4, 16, (4, 4)),     # NEON lanes, B=16 model
+    (20, 12, (5, 5), 1, 4, 4, (4, 4)),        # OC not a multiple of lanes (last block partial)
+    (48, 24, (9, 7), 2, 16, 16, (2, 2)),      # the NEON B=16 layout: 16 lanes, 2x2 tiles, odd, stride 2
+    (32, 16, (11, 13), 1, 16, 16, (2, 3)),    # tile rows and columns both cut at the edge
 ])
-def test_pattern_variant(out_channels, in_channels, size, stride, lanes, block):
+def test_pattern_variant(out_channels, in_channels, size, stride, lanes, block, tile):
     weight, ids = _pattern_weight(out_channels, in_channels, block, removed=0.6)
     ids[0] = -1  # a fully removed output block
     weight[:block] = 0
     assign = pattern_assignment(ids, block, out_channels, lanes)
     _run(weight, assign, library_taps(LIBRARY), in_channels=in_channels, height=size[0],
-         width=size[1], stride=stride, lanes=lanes)
+         width=size[1], stride=stride, lanes=lanes, tile=tile)
+
+
+@pytest.mark.parametrize("target,lanes,tile", [("x86", 16, (4, 4)), ("cortex-a72", 16, (2, 2))])
+def test_accumulators_need_no_workspace_call(target, lanes, tile):
+    """Only the padded-input scratch is a workspace allocation: the accumulator tile (1 KiB on
+    AVX-512) and the per-pattern entry offsets live on the stack, i.e. in registers."""
+    from clicktrain_deploy.compile.targets import TARGETS
+
+    spec = ConvSpec(16, 16, 12, 12, 1, lanes, lanes, library_taps(LIBRARY), 8, True, True, tile)
+    built = tvm.compile(tvm.script.from_source(conv_tvmscript(spec, "conv")),
+                        target=tvm.target.Target(TARGETS.get(target)().tvm_target))
+    module = built.mod.imports[0] if built.mod.imports else built.mod
+    calls = [line for line in module.inspect_source("ll").splitlines()
+             if "call ptr" in line and "(i32 1, i32 %dev_id" in line]
+    assert len(calls) == 1 and "%Xp = " in calls[0]
 
 
 def test_every_library_pattern_is_exercised():

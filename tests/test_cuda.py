@@ -19,16 +19,18 @@ from clicktrain_deploy.compile.cuda.kernels import (
     CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_schedule, dense_cuda_tvmscript, entry_channels,
     maxpool_cuda_tvmscript,
 )
-from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
+from clicktrain_deploy.compile.cuda.lower import CudaConvKernels, lower_onnx_cuda
 from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
 from clicktrain_deploy.compile.lower import CompileError
 from clicktrain_deploy.compile.targets import CUDA_ARCHS, TARGETS
 from clicktrain_deploy.export.check import onnxruntime_session
 from clicktrain_deploy.export.onnx_export import load_onnx
 from clicktrain_deploy.passes.onnx_passes import verify
+from clicktrain_deploy.passes.relax_passes import rewrite_pattern_convs
 
 from .test_compile import _real_inputs
 from .test_conv_kernels import LIBRARY, _pattern_weight
+from .test_relax_pass import _block, _calls, _module, _reference
 
 tvm = pytest.importorskip("tvm")
 needs_gpu = pytest.mark.skipif("not gpu_present()", reason="no NVIDIA GPU on this machine")
@@ -126,6 +128,28 @@ def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):
     got = vm["main"](tvm.runtime.tensor(images)).numpy()
     expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_relax_pass_with_gpu_kernels_on_a_hand_built_module():
+    """The CPU targets' Relax pass, given the GPU kernels: every conv chain of a batch-2 module
+    becomes one NCHW kernel (no pack/unpack), layers matched and chosen as on CPUs."""
+    from tvm import relax
+
+    weights, biases, metadata = _block()
+    module, manifest = rewrite_pattern_convs(_module(weights, biases, batch=2), metadata, TARGETS.get("cuda")(),
+                                             kernels=CudaConvKernels(2, emulate=True))
+    calls = _calls(module)
+    assert [c.rstrip("0123456789") for c in calls] == ["conv"] * 4
+    assert {e.layer: e.kernel for e in manifest} == {"conv2d_0": "dense", "conv1": "pattern",
+                                                     "conv2d_2": "pointwise", "conv2": "pattern"}
+    assert sorted(e.function for e in manifest) == sorted(calls)  # each layer names its kernel
+    image = np.random.default_rng(1).standard_normal((2, 3, 9, 11)).astype(np.float32)
+    got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(image)).numpy()
+    np.testing.assert_allclose(got, _reference(image, weights, biases), atol=1e-4, rtol=1e-4)
+    with pytest.raises(CompileError, match="cuda-sm90: a cuda target given cpu conv kernels"):
+        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")())
+    with pytest.raises(CompileError, match=r"conv2d #0 .*batch 2"):  # the kernels' batch is the module's
+        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")(), kernels=CudaConvKernels(2))
 
 
 def _tiny_vgg(path):

@@ -21,8 +21,9 @@ def test_fashion_mnist_is_the_real_dataset(fmnist):
 
 
 def test_balanced_subset(fmnist):
-    data = load_data("fashion_mnist", train_subset=1000, seed=1)
+    data = load_data("fashion_mnist", train_subset=1000, seed=1, test_subset=200)
     assert torch.bincount(data.train.labels).tolist() == [100] * 10
+    assert torch.bincount(data.test.labels).tolist() == [20] * 10
 
 
 def test_truncated_and_missing_files_name_the_path(tmp_path):

@@ -14,7 +14,7 @@ from ..export.onnx_export import load_onnx, model_info
 from ..fileio import atomic_write_json
 from ..passes.onnx_passes import verify
 from ..passes.relax_passes import deploy_pipeline
-from .lower import CompileError, host_timer, lower_onnx
+from .lower import CompileError, HostTimer, lower_onnx
 from .targets import TARGETS, TargetSpec
 
 
@@ -49,7 +49,7 @@ def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
         module, layers, layout = lower_onnx_cuda(model, metadata if sparse else None, target, batch)
         executable, device_code = build_cuda(module, target)
     else:
-        timer = host_timer(target) if measure and target.runs_on_host else None
+        timer = HostTimer(target) if measure and target.runs_on_host else None
         module, layers, layout = lower_onnx(model, metadata if sparse else None, target, timer)
         executable = tvm.compile(module, target=tvm.target.Target(target.tvm_target),
                                  relax_pipeline=deploy_pipeline())

@@ -149,37 +149,42 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
         f"                Xp[((c * {ph} + y + 1) * {pw} + x + 1) * {li} + l] = X[c, y, x, l]",
         f"    for job in T.parallel({spec.out_blocks * row_tiles}):",
         f"        for xt in range({col_tiles}):",
-        f"            acc = T.alloc_buffer(({ry}, {xw}, {lanes}), 'float32', scope='local')",
-        f"            for r, xi in T.grid({ry}, {xw}):",
-        f"                for l in T.vectorized({lanes}):",
-        "                    acc[r, xi, l] = T.float32(0)",
     ]
+    # One accumulator buffer per tile row: TVM keeps buffers under 1 KiB on the stack (LLVM then
+    # holds them in registers); larger ones become a workspace call per tile.
+    for r in range(ry):
+        lines += [f"            acc{r} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
+                  f"            for xi in T.unroll({xw}):",
+                  f"                for l in T.vectorized({lanes}):",
+                  f"                    acc{r}[xi, l] = T.float32(0)"]
     for g, group in enumerate(spec.groups):
+        # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
         lines += [
             f"            for k in range(ptr[job // {row_tiles} * {ngroups} + {g}], "
             f"ptr[job // {row_tiles} * {ngroups} + {g + 1}]):",
-            f"                base: T.int32 = coff[k] + ((job % {row_tiles}) * {ry * s * pw} + xt * {xw * s}) * {li}",
+            f"                base{g}: T.let = coff[k] + ((job % {row_tiles}) * {ry * s * pw} + xt * {xw * s}) * {li}",
         ]
         for t, (dy, dx) in enumerate(group):
-            lines += [
-                f"                for r in T.unroll({ry}):",
-                f"                    for xi in T.unroll({xw}):",
-                f"                        for l in T.vectorized({lanes}):",
-                f"                            acc[r, xi, l] = acc[r, xi, l] + Xp[base + ((r * {s} + {dy}) * {pw} "
-                f"+ xi * {s} + {dx}) * {li}] * wv[(k * {taps} + {t}) * {lanes} + l]",
-            ]
-    value = "acc[r, xi, l] + bias[job // {rt}, l]".format(rt=row_tiles)
-    if spec.residual:
-        value += f" + R[job // {row_tiles}, (job % {row_tiles}) * {ry} + r, xt * {xw} + xi, l]"
-    if spec.relu:
-        value = f"T.max({value}, T.float32(0))"
-    lines += [
-        f"            for r in T.unroll({ry}):",
-        f"                for xi in T.unroll({xw}):",
-        f"                    if (job % {row_tiles}) * {ry} + r < {oh} and xt * {xw} + xi < {ow}:",
-        f"                        for l in T.vectorized({lanes}):",
-        f"                            Y[job // {row_tiles}, (job % {row_tiles}) * {ry} + r, xt * {xw} + xi, l] = {value}",
-    ]
+            for r in range(ry):
+                lines += [
+                    f"                for xi in T.unroll({xw}):",
+                    f"                    for l in T.vectorized({lanes}):",
+                    f"                        acc{r}[xi, l] = acc{r}[xi, l] + Xp[base{g} + {(r * s + dy) * pw + dx} * {li} "
+                    f"+ xi * {s * li}] * wv[(k * {taps} + {t}) * {lanes} + l]",
+                ]
+    for r in range(ry):
+        row = f"(job % {row_tiles}) * {ry} + {r}"
+        value = f"acc{r}[xi, l] + bias[job // {row_tiles}, l]"
+        if spec.residual:
+            value += f" + R[job // {row_tiles}, {row}, xt * {xw} + xi, l]"
+        if spec.relu:
+            value = f"T.max({value}, T.float32(0))"
+        lines += [
+            f"            for xi in T.unroll({xw}):",
+            f"                if {row} < {oh} and xt * {xw} + xi < {ow}:",
+            f"                    for l in T.vectorized({lanes}):",
+            f"                        Y[job // {row_tiles}, {row}, xt * {xw} + xi, l] = {value}",
+        ]
     return "\n".join(lines)
 
 

@@ -1,14 +1,20 @@
 """ONNX (as our export writes it) -> a Relax module whose every op is a generated kernel.
 
-Activations stay in NCHW[L]c from the packed input to the global pool; BN is already folded into
-the convs, and each conv's bias, ReLU and residual add run in its epilogue. Per conv the kernel
-variant is chosen (pattern-sparse, connectivity-only, dense) and recorded with the reason.
+Two steps: ``_Lowering`` translates the graph into Relax, each conv as plain ``relax.nn.conv2d``
+with a constant weight followed by its bias add, residual add and ReLU (BN is already folded), the
+pools and the classifier as our kernels on NCHW[L]c; then the Relax pass
+``passes.relax_passes.rewrite_pattern_convs`` turns every conv chain into one generated kernel
+whose epilogue runs the bias, residual and ReLU, choosing per conv the variant (pattern-sparse,
+connectivity-only, dense) with ``plan_conv`` and recording the reason. Activations stay in
+NCHW[L]c from the packed input to the global pool: the unpack/pack pairs between kernels vanish.
+
+The conv kernels a target gets are a ``ConvKernels``: this module's is the CPU one; CUDA targets
+use ``compile.cuda.lower``'s (NCHW, batch fixed at compile time) through the same two steps.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,7 +29,7 @@ from .conv_kernels import (
     ALL_TAPS, ConvSpec, choose_tile, compact_weights, connectivity_assignment, conv_tvmscript, library_taps,
     pattern_assignment,
 )
-from .ops import avgpool_tvmscript, dense_tvmscript, maxpool_tvmscript, pack_tvmscript
+from .ops import avgpool_tvmscript, dense_tvmscript, maxpool_tvmscript, pack_tvmscript, unpack_tvmscript
 from .targets import Layout, TargetSpec
 
 # Kernel choice by multiply-adds saved: below DENSE_BELOW stay dense, from MEASURE_BELOW go sparse,
@@ -48,6 +54,7 @@ class LayerKernel:
     kept_fraction: float = 1.0
     estimated_speedup: float = 1.0
     measured_us: dict | None = None
+    function: str | None = None  # a conv's kernel in the library (set by the rewrite)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,13 +84,11 @@ def _attr(node: onnx.NodeProto, name: str, default):
 class _Lowering:
     batch = 1  # images per call of the built module
 
-    def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-                 measure: Callable[[list[tuple[str, ConvSpec, list[np.ndarray]]]], dict[str, float]] | None):
-        self.model, self.target, self.measure = model, target, measure
+    def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec):
+        self.model, self.target, self.pattern_metadata = model, target, metadata
         self.metadata = {e.initializer: e for e in (metadata.layers if metadata else [])}
         self.layout = target.layout_for([e.mask.block_size for e in self.metadata.values()])
         self.lanes = self.layout.lanes
-        self.library = metadata.library.numpy() if metadata else None
         self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for node in model.graph.node:
             value = _attr(node, "value", None) if node.op_type == "Constant" else None
@@ -97,6 +102,7 @@ class _Lowering:
         self.values: dict[str, _Value] = {}
         self.plans: dict[str, tuple] = {}
         self.manifest: list[LayerKernel] = []
+        self.conv_names: dict[str, str] = {}
         self.builder = relax.BlockBuilder()
         self.count = 0
 
@@ -178,89 +184,39 @@ class _Lowering:
             raise CompileError(f"Conv {node.name!r} ({node.input[1]}): {kh}x{kw}, pads {pads}, stride "
                                f"{stride}, group {_attr(node, 'group', 1)} is not supported "
                                "(3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1)")
-        bias = self.consts[node.input[2]] if len(node.input) > 2 else np.zeros(oc, np.float32)
-        if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
-            centre = np.zeros((oc, ic, 3, 3), np.float32)
-            centre[:, :, 1, 1] = weight[:, :, 0, 0]
-            weight = centre
+        # plain Relax ops, named after the layer; pattern_conv_rewrite turns each chain into one kernel
         layer = self.metadata.get(node.input[1])
-        lanes, name = self.lanes, layer.module if layer else node.input[1].removesuffix(".weight")
-        candidates = self._conv_candidates(weight, layer, lanes)
-        out_hw = ((x.height - 1) // stride[0] + 1, (x.width - 1) // stride[0] + 1)
-        base = dict(in_channels=ic, out_channels=oc, height=x.height, width=x.width, stride=stride[0],
-                    in_lanes=x.lanes, lanes=lanes, relu=relu, residual=residual is not None)
-        built = [self._conv_kernel(kernel, groups, assign, weight, base, out_hw)
-                 for kernel, groups, assign in candidates]
-        # the residual's producer first, so the manifest lists layers in the order kernels run
-        residual_expr = self.value(residual).expr if residual is not None else None
-        kernel, spec, packed, entry = self._choose(name, list(weight.shape), built)
-        self.manifest.append(entry)
-        bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
-        bias_blocks[:oc] = bias
-        args = [x.expr, *packed, bias_blocks.reshape(spec.out_blocks, lanes)]
-        if residual_expr is not None:
-            args.append(residual_expr)
-        return self._emit_conv(spec, args)
+        name = layer.module if layer else node.input[1].removesuffix(".weight")
+        out = self.builder.emit(relax.op.nn.conv2d(self._nchw(x), relax.const(weight), strides=stride[0],
+                                                   padding=pads[0]), name_hint=name)
+        self.conv_names[out.name] = name  # Relax spells "layers.0.conv1" as layers_0_conv1
+        if len(node.input) > 2:
+            out = self.builder.emit(relax.op.add(out, relax.const(self.consts[node.input[2]].reshape(1, oc, 1, 1))))
+        if residual is not None:
+            out = self.builder.emit(relax.op.add(out, self._nchw(self.value(residual))))
+        if relu:
+            out = self.builder.emit(relax.op.nn.relu(out))
+        return _Value(out, oc, (x.height - 1) // stride[0] + 1, (x.width - 1) // stride[0] + 1, lanes=0)
 
-    def _conv_kernel(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, base: dict,
-                     out_hw: tuple[int, int]) -> tuple[str, ConvSpec, list[np.ndarray]]:
-        """One candidate kernel of a conv: its spec and compact weights (ptr, coff, wv)."""
-        tile = (self.layout.pattern_tile if len(groups[0]) == 4
-                else choose_tile(*out_hw, self.layout.dense_tiles))
-        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
-        ptr, coff, wv = compact_weights(weight, assign, spec)
-        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
-        return kernel, spec, [ptr, coff, wv]
+    def _nchw(self, x: _Value) -> relax.Expr:
+        """An image value as (1, C, H, W): blocked values are unpacked (the rewrite skips the
+        unpack where a conv reads it)."""
+        if x.lanes == 0:
+            return x.expr
+        return self._call(unpack_tvmscript(x.channels, x.height, x.width, x.lanes, "__NAME__"), "unpack",
+                          [x.expr], (1, x.channels, x.height, x.width))
 
-    def _emit_conv(self, spec: ConvSpec, args: list) -> _Value:
-        """Call the chosen conv kernel on (input, compact weights, bias blocks, residual?)."""
-        oh, ow = spec.out_hw
-        out = self._call(conv_tvmscript(spec, "__NAME__"), "conv", args, (spec.out_blocks, oh, ow, spec.lanes))
-        return _Value(out, spec.out_channels, oh, ow, spec.lanes)
-
-    def _conv_candidates(self, weight: np.ndarray, layer, lanes: int) -> list:
-        oc, ic = weight.shape[:2]
-        blocks = math.ceil(oc / lanes)
-        if not weight[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]].any() and layer is None:
-            return [("pointwise", (((1, 1),),), np.zeros((blocks, ic), int))]
-        dense = ("dense", (ALL_TAPS,), np.zeros((blocks, ic), int))
-        if layer is None:
-            return [dense]
-        ids = layer.mask.pattern_ids.numpy()
-        if layer.mask.block_size % lanes == 0 or oc <= layer.mask.block_size:
-            sparse = ("pattern", library_taps(self.library), pattern_assignment(ids, layer.mask.block_size, oc, lanes))
-        else:
-            kept = layer.mask.kernel_pattern_ids().numpy() >= 0
-            sparse = ("connectivity", (ALL_TAPS,), connectivity_assignment(kept, lanes))
-        return [sparse, dense]
-
-    def _choose(self, name: str, shape: list[int], built: list) -> tuple:
-        if len(built) == 1:
-            kernel, spec, packed = built[0]
-            return kernel, spec, packed, LayerKernel(name, "conv", kernel, shape, "no pattern metadata"
-                                                     if kernel == "dense" else "1x1 conv")
-        work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
-        dense_work = work["dense"]
-        (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
-        kept = sparse_spec.entries / max(dense[1].entries, 1)
-        estimate = dense_work / max(work[sparse_kernel], 1)
-        if self.measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
-            times = self.measure(built)
-            faster = times[sparse_kernel] < times["dense"]
-            reason = f"measured {times[sparse_kernel]:.1f} us {sparse_kernel} vs {times['dense']:.1f} us dense"
-            entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape, reason,
-                                kept, estimate, {k: round(v, 2) for k, v in times.items()})
-        else:
-            threshold = SPARSE_FROM if self.measure is None else MEASURE_BELOW
-            faster = estimate >= threshold
-            entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape,
-                                f"{estimate:.2f}x fewer multiply-adds than dense "
-                                f"({'>=' if faster else '<'} {threshold}x)", kept, estimate)
-        chosen = built[0] if faster else built[1]
-        return (*chosen, entry)
+    def _blocked(self, x: _Value) -> _Value:
+        """An image value in NCHW[L]c (a pack of a conv's output is skipped by the rewrite)."""
+        if x.lanes:
+            return x
+        blocks = math.ceil(x.channels / self.lanes)
+        packed = self._call(pack_tvmscript(x.channels, x.height, x.width, self.lanes, "__NAME__"), "pack",
+                            [x.expr], (blocks, x.height, x.width, self.lanes))
+        return _Value(packed, x.channels, x.height, x.width, self.lanes)
 
     def _avgpool(self, node, relu, residual) -> _Value:
-        x = self.value(node.input[0])
+        x = self._blocked(self.value(node.input[0]))
         blocks = math.ceil(x.channels / x.lanes)
         src = avgpool_tvmscript(blocks, x.height, x.width, x.lanes, "__NAME__")
         self.manifest.append(LayerKernel(node.name, node.op_type, "avgpool", [x.channels, x.height, x.width], "generated"))
@@ -268,7 +224,7 @@ class _Lowering:
                       lanes=x.lanes, blocked=False)
 
     def _maxpool(self, node, relu, residual) -> _Value:
-        x = self.value(node.input[0])
+        x = self._blocked(self.value(node.input[0]))
         if _attr(node, "kernel_shape", None) != [2, 2] or _attr(node, "strides", None) != [2, 2]:
             raise CompileError(f"MaxPool {node.name!r}: only 2x2 stride 2 is supported")
         blocks = math.ceil(x.channels / x.lanes)
@@ -314,42 +270,171 @@ class _Lowering:
         x = relax.Var(graph_input.name, relax.TensorType((self.batch, channels, height, width), "float32"))
         with self.builder.function("main", [x]):
             with self.builder.dataflow():
-                self.values[graph_input.name] = self._input(x, channels, height, width)
+                self.values[graph_input.name] = _Value(x, channels, height, width, lanes=0)
                 out = self.value(self.model.graph.output[0].name)
                 result = self.builder.emit_output(out.expr)
             self.builder.emit_func_output(result)
         return self.builder.get()
 
-    def _input(self, x: relax.Var, channels: int, height: int, width: int) -> _Value:
-        """The model input (1, C, H, W) packed into NCHW[Li]c."""
-        in_lanes = channels if channels < self.lanes else self.lanes
-        blocks = math.ceil(channels / in_lanes)
-        packed = self._call(pack_tvmscript(channels, height, width, in_lanes, "__NAME__"),
-                            "pack", [x], (blocks, height, width, in_lanes))
-        return _Value(packed, channels, height, width, in_lanes)
+    def conv_kernels(self) -> ConvKernels:
+        """The kernels the rewrite gives this target's convs."""
+        return ConvKernels()
+
+    def lower(self, measure: HostTimer | None = None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
+        """Both steps: the Relax module, then every conv chain rewritten into a kernel; fails
+        naming the ops that got no generated kernel. Returns module, manifest (convs first), layout."""
+        from ..passes.relax_passes import rewrite_pattern_convs
+
+        module, convs = rewrite_pattern_convs(self.build(), self.pattern_metadata, self.target, measure,
+                                              self.conv_kernels())
+        left = set(_relax_ops(module["main"])) - {"relax.call_tir", "relax.reshape"}
+        if left:
+            raise CompileError(f"ops left without a generated kernel: {sorted(left)}")
+        for entry in convs:
+            entry.layer = self.conv_names.get(entry.layer, entry.layer)
+        return module, convs + self.manifest, self.layout
 
 
 def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
-               measure=None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
+               measure: HostTimer | None = None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
     """Lower a verified ONNX model to a Relax module for ``target``.
 
     Returns the module, the per-layer manifest entries and the activation layout it chose.
 
     ``measure``, when given, times the candidate kernels of layers whose multiply-add saving is
-    ambiguous (1.1x-3x) and picks the faster; otherwise a layer goes sparse when it saves at
-    least 1.25x of the multiply-adds.
+    ambiguous (1.1x-3x) and picks the faster (every layer when ``measure.every_layer``);
+    otherwise a layer goes sparse when it saves at least 1.25x of the multiply-adds.
     """
-    lowering = _Lowering(model, metadata, target, measure)
-    return lowering.build(), lowering.manifest, lowering.layout
+    return _Lowering(model, metadata, target).lower(measure)
 
 
-def host_timer(target: TargetSpec, repeats: int = 20) -> Callable:
-    """Measure candidate kernels of one layer on this machine: {kernel: microseconds}."""
-    def measure(candidates: list) -> dict[str, float]:
+def _relax_ops(func: relax.Function) -> list[str]:
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return found
+
+
+class ConvKernels:
+    """A target's conv kernels, as ``plan_conv`` builds their candidates and the Relax rewrite
+    calls them. This one: the CPU kernels of ``conv_kernels`` at batch 1 on NCHW[L]c activations
+    (the rewrite packs before and unpacks after each conv; the pairs between convs vanish)."""
+
+    device = "cpu"
+    batch = 1
+    blocked = True  # activations in NCHW[L]c (False: the kernels read and write NCHW)
+
+    def candidate(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, base: dict,
+                  out_hw: tuple[int, int], layout: Layout) -> tuple[str, ConvSpec, list[np.ndarray]]:
+        """One candidate of a conv: its spec and compact weights [ptr, coff, wv] (``base``: the
+        ConvSpec fields every candidate shares; ``out_hw``: the output's OH, OW)."""
+        tile = layout.pattern_tile if len(groups[0]) == 4 else choose_tile(*out_hw, layout.dense_tiles)
+        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
+        ptr, coff, wv = compact_weights(weight, assign, spec)
+        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
+        return kernel, spec, [ptr, coff, wv]
+
+    def source(self, spec: ConvSpec, name: str) -> str:
+        """TVMScript of the chosen kernel: (X, ptr, coff, wv, bias, R?) -> Y."""
+        return conv_tvmscript(spec, name)
+
+    def output_shape(self, spec: ConvSpec) -> tuple[int, ...]:
+        oh, ow = spec.out_hw
+        return spec.out_blocks, oh, ow, spec.lanes
+
+
+def plan_conv(name: str, weight: np.ndarray, bias: np.ndarray, layer, library: np.ndarray | None, layout: Layout,
+              source: tuple[int, int, int], stride: int, relu: bool, residual: bool,
+              measure: HostTimer | None = None,
+              kernels: ConvKernels | None = None) -> tuple[ConvSpec, list[np.ndarray], LayerKernel]:
+    """Choose and pack the kernel of one conv: weight (OC, IC, 3, 3) or (OC, IC, 1, 1), bias (OC,),
+    input ``source`` = (H, W, Li) in NCHW[Li]c (Li 1: NCHW); ``layer`` is its metadata entry (None:
+    dense); ``kernels``: the target's (default: the CPU kernels).
+
+    Returns the kernel's spec, its constant arguments [*compact weights, bias (OCB, L)] and the
+    manifest entry. Weights that break the layer's patterns raise ValueError (compact_weights).
+    """
+    kernels = kernels or ConvKernels()
+    oc, ic, kh, _ = weight.shape
+    shape = list(weight.shape)
+    if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
+        centre = np.zeros((oc, ic, 3, 3), np.float32)
+        centre[:, :, 1, 1] = weight[:, :, 0, 0]
+        weight = centre
+    height, width, in_lanes = source
+    lanes = layout.lanes
+    out_hw = ((height - 1) // stride + 1, (width - 1) // stride + 1)
+    base = dict(in_channels=ic, out_channels=oc, height=height, width=width, stride=stride,
+                in_lanes=in_lanes, lanes=lanes, relu=relu, residual=residual)
+    built = [kernels.candidate(kernel, groups, assign, weight, base, out_hw, layout)
+             for kernel, groups, assign in _conv_candidates(weight, layer, library, lanes)]
+    kernel, spec, packed, entry = _choose(name, shape, built, measure)
+    bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
+    bias_blocks[:oc] = bias
+    return spec, [*packed, bias_blocks.reshape(spec.out_blocks, lanes)], entry
+
+
+def _conv_candidates(weight: np.ndarray, layer, library: np.ndarray | None, lanes: int) -> list:
+    oc, ic = weight.shape[:2]
+    blocks = math.ceil(oc / lanes)
+    if not weight[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]].any() and layer is None:
+        return [("pointwise", (((1, 1),),), np.zeros((blocks, ic), int))]
+    dense = ("dense", (ALL_TAPS,), np.zeros((blocks, ic), int))
+    if layer is None:
+        return [dense]
+    ids = layer.mask.pattern_ids.numpy()
+    if layer.mask.block_size % lanes == 0 or oc <= layer.mask.block_size:
+        sparse = ("pattern", library_taps(library), pattern_assignment(ids, layer.mask.block_size, oc, lanes))
+    else:
+        kept = layer.mask.kernel_pattern_ids().numpy() >= 0
+        sparse = ("connectivity", (ALL_TAPS,), connectivity_assignment(kept, lanes))
+    return [sparse, dense]
+
+
+def _choose(name: str, shape: list[int], built: list, measure: HostTimer | None) -> tuple:
+    timed = measure(built) if measure is not None and measure.every_layer else None
+    if len(built) == 1:
+        kernel, spec, packed = built[0]
+        return kernel, spec, packed, LayerKernel(name, "conv", kernel, shape, "no pattern metadata"
+                                                 if kernel == "dense" else "1x1 conv", measured_us=timed)
+    work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
+    dense_work = work["dense"]
+    (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
+    kept = sparse_spec.entries / max(dense[1].entries, 1)
+    estimate = dense_work / max(work[sparse_kernel], 1)
+    if measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
+        times = timed or measure(built)
+        faster = times[sparse_kernel] < times["dense"]
+        reason = f"measured {times[sparse_kernel]:.1f} us {sparse_kernel} vs {times['dense']:.1f} us dense"
+        entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape, reason,
+                            kept, estimate, times)
+    else:
+        threshold = SPARSE_FROM if measure is None else MEASURE_BELOW
+        faster = estimate >= threshold
+        entry = LayerKernel(name, "conv", sparse_kernel if faster else "dense", shape,
+                            f"{estimate:.2f}x fewer multiply-adds than dense "
+                            f"({'>=' if faster else '<'} {threshold}x)", kept, estimate, timed)
+    chosen = built[0] if faster else built[1]
+    return (*chosen, entry)
+
+
+@dataclass
+class HostTimer:
+    """Times a layer's candidate kernels on this machine: {kernel: microseconds}.
+
+    ``every_layer`` (benchmarks) times every conv, recording the times in the manifest without
+    changing which kernel is chosen; otherwise only layers whose choice is ambiguous are timed.
+    """
+
+    target: TargetSpec
+    repeats: int = 20
+    every_layer: bool = False
+
+    def __call__(self, candidates: list) -> dict[str, float]:
         times = {}
         for kernel, spec, packed in candidates:
             func = tvm.script.from_source(conv_tvmscript(spec, "candidate"))
-            fn = tvm.compile(func, target=tvm.target.Target(target.tvm_target)).jit()["candidate"]
+            fn = tvm.compile(func, target=tvm.target.Target(self.target.tvm_target)).jit()["candidate"]
             oh, ow = spec.out_hw
             args = [np.zeros((spec.in_blocks, spec.height, spec.width, spec.in_lanes), np.float32), *packed,
                     np.zeros((spec.out_blocks, spec.lanes), np.float32)]
@@ -361,9 +446,8 @@ def host_timer(target: TargetSpec, repeats: int = 20) -> Callable:
             best = float("inf")
             for _ in range(3):
                 started = time.perf_counter()
-                for _ in range(repeats):
+                for _ in range(self.repeats):
                     fn(*tensors)
-                best = min(best, (time.perf_counter() - started) / repeats)
-            times[kernel] = best * 1e6
+                best = min(best, (time.perf_counter() - started) / self.repeats)
+            times[kernel] = round(best * 1e6, 2)
         return times
-    return measure

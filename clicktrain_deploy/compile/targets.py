@@ -77,9 +77,10 @@ def x86() -> TargetSpec:
                       tuple(dict.fromkeys(layouts)), layout)
 
 
-# NEON has 32 128-bit registers: 16-channel blocks (4 vectors) with 2x3 tiles keep 24 accumulators.
-NEON_DENSE = Layout(8, (2, 4), ((2, 4),))
-NEON_SPARSE = (Layout(16, (2, 3), ((2, 3),)), NEON_DENSE, Layout(4, (4, 4), WIDE_TILES))
+# NEON has 32 128-bit registers: 16-channel blocks (4 vectors) with 2x2 tiles keep 16 accumulators,
+# leaving room for the 4 weight vectors and the broadcast inputs (2x3 tiles spill).
+NEON_DENSE = Layout(8, (2, 4), ((2, 4), (4, 2), (2, 3), (3, 2)))
+NEON_SPARSE = (Layout(16, (2, 2), ((2, 2), (2, 3), (4, 1))), NEON_DENSE, Layout(4, (4, 4), WIDE_TILES))
 
 
 def _arm(name: str, cpu: str | None) -> TargetSpec:

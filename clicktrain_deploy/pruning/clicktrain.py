@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import PruningError
 from .config import PruningConfig
 from .masks import LayerMask, block_sum, group_lasso, select_layer_mask
@@ -84,7 +85,10 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
     """Per-weight importance sum over batches of (w * dL/dw)^2, float (C_out, C_in, 3, 3) each.
 
     Gradients are taken in training mode (as during training); BatchNorm running statistics are
-    restored afterwards, so the estimate leaves the model exactly as it found it.
+    restored afterwards, so the estimate leaves the model exactly as it found it. Under
+    torch.distributed the sums are averaged over ranks (each rank may score its own shard, or a
+    DDP-wrapped ``model`` whose gradients are already averaged), so every rank gets the same
+    scores; they are returned on the CPU.
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
@@ -101,7 +105,8 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
     model.train(was_training)
-    return importance
+    distributed.average_(importance.values())
+    return {name: score.cpu() for name, score in importance.items()}
 
 
 class ClickTrainPruner:
@@ -143,6 +148,8 @@ class ClickTrainPruner:
         self.library = validate_library(library)
         self.masks = {l.name: select_layer_mask(importance[l.name], library, l.block_size, l.ratio)
                       for l in self.layers}
+        distributed.check_identical("pattern library and masks", [self.library] + [
+            m.pattern_ids for m in self.masks.values()])
         self._cache_masks()
 
     def penalty(self) -> Tensor:
@@ -197,7 +204,8 @@ class ClickTrainPruner:
 
     def _cache_masks(self) -> None:
         assert self.library is not None
-        self._mask_tensors = {name: m.dense(self.library) for name, m in self.masks.items()}
+        device = self.layers[0].module.weight.device
+        self._mask_tensors = {name: m.dense(self.library).to(device) for name, m in self.masks.items()}
 
     def _register_gradient_masks(self) -> None:
         for layer in self.layers:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import Recipe
 from ..data import BatchIterator, ImageData, load_data
 from ..errors import CheckpointError, RecipeError
@@ -20,7 +21,7 @@ from ..fileio import atomic_write_json, atomic_write_text
 from ..models import create_model
 from ..pruning.clicktrain import ClickTrainPruner
 from ..pruning.report import SparsityReport, sparsity_report
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -32,6 +33,8 @@ class TrainResult:
     test_accuracy: float
     report: SparsityReport
     metrics: list[dict]
+    model: nn.Module
+    pruner: ClickTrainPruner | None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
@@ -48,8 +51,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate(model: nn.Module, batches: BatchIterator) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (%) over a whole split."""
+def evaluate(model: nn.Module, batches: BatchIterator | distributed.ShardedBatches) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (%) over a whole split (under torch.distributed,
+    over the shards that the ranks pass together)."""
     model.eval()
     loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
@@ -58,6 +62,7 @@ def evaluate(model: nn.Module, batches: BatchIterator) -> tuple[float, float]:
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
             count += len(labels)
+    loss, correct, count = distributed.all_reduce_sums(loss, correct, count)
     return loss / count, 100.0 * correct / count
 
 
@@ -127,13 +132,16 @@ class _Run:
                           "mean": data.mean, "std": data.std}
         torch.manual_seed(recipe.seed)
         self.model = create_model(recipe.model.name, len(data.classes), data.input_shape[0])
+        self.net = distributed.wrap(self.model)  # DDP when distributed: what training steps call
         d = recipe.data
-        self.train_batches = BatchIterator(data.train, d.batch_size, data.mean, data.std, train=True,
-                                           seed=recipe.seed, crop_padding=d.crop_padding, flip=d.flip)
+        self.train_batches = distributed.shard(BatchIterator(
+            data.train, d.batch_size, data.mean, data.std, train=True, seed=recipe.seed,
+            crop_padding=d.crop_padding, flip=d.flip))
         if len(self.train_batches) == 0:
             raise RecipeError(f"data.batch_size ({d.batch_size}) is larger than the "
                               f"{len(data.train)} training images")
-        self.test_batches = BatchIterator(data.test, d.test_batch_size, data.mean, data.std, train=False)
+        self.test_batches = distributed.shard(
+            BatchIterator(data.test, d.test_batch_size, data.mean, data.std, train=False), even=False)
         s = recipe.schedule
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
                                          weight_decay=s.weight_decay)
@@ -176,7 +184,7 @@ class _Run:
         phase = pruner.phase(epoch) if pruner else "dense"
         if pruner and phase != "dense" and not pruner.selected:
             limit = recipe.pruning.importance_batches
-            pruner.select(self.model, self.train_batches.epoch(epoch, limit=limit),
+            pruner.select(self.net, self.train_batches.epoch(epoch, limit=limit),
                           nn.functional.cross_entropy)
         if pruner and phase == "hard" and not pruner.hard:
             pruner.harden(self.optimizer)
@@ -191,11 +199,11 @@ class _Run:
         for inputs, labels in self.train_batches.epoch(epoch):
             if mixup:
                 mixed, other, lam = _mixup(inputs, labels, recipe.pruning.mixup_alpha, generator, rng)
-                logits = self.model(mixed)
+                logits = self.net(mixed)
                 loss = (lam * nn.functional.cross_entropy(logits, labels)
                         + (1 - lam) * nn.functional.cross_entropy(logits, other))
             else:
-                logits = self.model(inputs)
+                logits = self.net(inputs)
                 loss = nn.functional.cross_entropy(logits, labels)
             penalty_sum += optimizer_step(loss, self.optimizer, pruner, phase) * len(labels)
             self.scheduler.step()
@@ -205,9 +213,12 @@ class _Run:
             progress.update(task, advance=1, stats=f"loss {loss_sum / count:.3f} "
                             f"acc {100 * correct / count:5.2f}% sparsity {100 * sparsity:4.1f}%")
         train_seconds = time.perf_counter() - started
+        loss_sum, penalty_sum, correct, count = distributed.all_reduce_sums(
+            loss_sum, penalty_sum, correct, count)
         if recipe.schedule.bn_recalibration_batches:
             recalibrate_batchnorm(self.model, self.train_batches.epoch(
                 epoch, limit=recipe.schedule.bn_recalibration_batches))
+        distributed.average_buffers(self.model)
         test_loss, test_acc = evaluate(self.model, self.test_batches)
         report = self.report()
         return {
@@ -220,6 +231,7 @@ class _Run:
         }
 
 
+@distributed.in_process_group
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
           console: Console | None = None) -> TrainResult:
     """Train ``recipe`` to the end, writing checkpoints, metrics and a sparsity report.
@@ -228,39 +240,50 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     ``metrics.jsonl`` (one line per epoch) and ``sparsity.json`` (final report). With ``resume``,
     training continues after the newest checkpoint with identical masks and batches; without it,
     an output folder that already holds checkpoints is an error, so nothing is overwritten.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), every rank runs this with the same recipe: rank 0
+    reads the checkpoint for all and alone writes files and prints; see ``distributed``.
     """
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=not distributed.is_main())
     output = Path(recipe.output_dir)
-    existing = list_checkpoints(output)
+    existing = distributed.from_main(lambda: list_checkpoints(output))
     if existing and not resume:
         raise CheckpointError(f"{output}: already holds checkpoints; pass --resume to continue "
                               "or choose another output_dir")
     if recipe.schedule.threads:
         torch.set_num_threads(recipe.schedule.threads)
     d = recipe.data
-    data = load_data(d.name, d.root, d.train_subset, recipe.seed, **d.loader_options())
+    data = load_data(d.name, d.root, d.train_subset, recipe.seed, d.test_subset, **d.loader_options())
     run = _Run(recipe, data)
     if existing:
-        saved = load_checkpoint(existing[-1])
+        saved = distributed.from_main(lambda: load_checkpoint(existing[-1]))
         _check_resumable(recipe, saved, saved["path"])
         run.restore(saved)
         console.print(f"resuming after epoch {saved['epoch']} from {saved['path']}")
     checkpoint = existing[-1] if existing else None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    shown = progress and distributed.is_main()
+    with Progress(*columns, console=console, disable=not shown) as bar:
         task = bar.add_task("", total=1, stats="")
         for epoch in range(run.start_epoch, recipe.schedule.epochs):
             row = run.train_epoch(epoch, bar, task)
             run.metrics.append(row)
-            checkpoint = save_checkpoint(output, epoch, run.state(epoch), recipe.keep_checkpoints)
-            atomic_write_text(output / "metrics.jsonl",
-                              "".join(json.dumps(m) + "\n" for m in run.metrics))
+            distributed.check_identical(f"weights and BN statistics after epoch {epoch}",
+                                        run.model.state_dict())
+            checkpoint = checkpoint_path(output, epoch)
+            if distributed.is_main():
+                save_checkpoint(output, epoch, run.state(epoch), recipe.keep_checkpoints)
+                atomic_write_text(output / "metrics.jsonl",
+                                  "".join(json.dumps(m) + "\n" for m in run.metrics))
             bar.console.print(
                 f"epoch {epoch:3d} {row['phase']:10s} loss {row['train_loss']:.4f} "
                 f"test acc {row['test_accuracy']:6.2f}%  compression "
                 f"{row['paper_conv_compression']:.2f}x  {row['epoch_seconds']:.1f}s")
     report = run.report()
-    atomic_write_json(output / "sparsity.json", report.to_dict())
+    if distributed.is_main():
+        atomic_write_json(output / "sparsity.json", report.to_dict())
+    distributed.barrier()
     assert checkpoint is not None
-    return TrainResult(output, Path(checkpoint), run.metrics[-1]["test_accuracy"], report, run.metrics)
+    return TrainResult(output, Path(checkpoint), run.metrics[-1]["test_accuracy"], report, run.metrics,
+                       run.model, run.pruner)
