@@ -178,18 +178,26 @@ def inspect(
 @app.command("compile")
 def compile_(
     model: Annotated[Path, typer.Argument(help="ONNX file from `export`")],
-    target: Annotated[str, typer.Option("--target", "-t", help="x86, arm64, cortex-a72, cortex-a76")],
+    target: Annotated[str, typer.Option("--target", "-t", help="x86, arm64, cortex-a72, cortex-a76, cuda")],
     output: Annotated[Path, typer.Option("--output", "-o", help=".so to write (manifest beside it)")],
     dense: Annotated[bool, typer.Option(help="ignore the pattern metadata: our dense build")] = False,
+    arch: Annotated[str | None, typer.Option(help="GPU of a cuda target: sm_80, sm_86, sm_89, sm_90 (default)")] = None,
+    batch: Annotated[int, typer.Option(help="images per call, fixed at compile time (cuda targets)")] = 1,
 ) -> None:
     """Compile an exported model with TVM into a deployable library and a JSON manifest."""
     from .compile.build import compile_model
-    from .compile.targets import TARGETS
+    from .compile.targets import CUDA_ARCHS, TARGETS
 
     try:
+        if arch is not None:
+            if target != "cuda":
+                raise ClickTrainError(f"--arch {arch}: only for --target cuda")
+            if arch not in CUDA_ARCHS:
+                raise ClickTrainError(f"--arch {arch!r}: unknown CUDA arch; presets: {', '.join(CUDA_ARCHS)}")
+            target = f"cuda-{arch.replace('_', '')}"
         if target not in TARGETS:
             raise ClickTrainError(f"--target {target!r}: unknown; known: {', '.join(TARGETS.names())}")
-        result = compile_model(model, target, output, sparse=not dense)
+        result = compile_model(model, target, output, sparse=not dense, batch=batch)
     except ClickTrainError as error:
         _fail(error)
     kernels = [layer["kernel"] for layer in result.manifest["layers"] if layer["op"] == "conv"]

@@ -3,6 +3,8 @@
 ``deploy_pipeline`` is TVM 0.27's default build pipeline without ``RewriteDataflowReshape``: that
 pass inspects every called PrimFunc for a reshape pattern and requires a root block, which our
 hand-scheduled kernels (plain loops, ``tirx.is_scheduled``) do not have; none of them is a reshape.
+For GPU targets, ops that Relax legalises itself (a flatten's reshape) get dlight's fallback GPU
+schedule; our kernels, marked scheduled, are left as they are.
 """
 from __future__ import annotations
 
@@ -13,20 +15,25 @@ import tvm
 from tvm import relax
 from tvm.relax import backend, transform
 
-from clicktrain_deploy.compile.conv_kernels import conv_tvmscript
-from clicktrain_deploy.compile.lower import CompileError, LayerKernel, plan_conv
+from clicktrain_deploy.compile.lower import CompileError, ConvKernels, LayerKernel, plan_conv
 from clicktrain_deploy.compile.ops import LAYOUT_ATTR, pack_tvmscript, unpack_tvmscript
 from clicktrain_deploy.compile.targets import Layout, TargetSpec
 from clicktrain_deploy.export.metadata import MetadataError, PatternMetadata
 from clicktrain_deploy.passes.onnx_passes import check_weight
 
 
-def deploy_pipeline() -> tvm.transform.Pass:
-    """Lower a Relax module of ``call_tir`` kernels to VM code, planning memory statically."""
+def deploy_pipeline(gpu: bool = False) -> tvm.transform.Pass:
+    """Lower a Relax module of ``call_tir`` kernels to VM code, planning memory statically.
+
+    ``gpu``: schedule legalised ops with thread bindings (needs the target in scope).
+    """
+    from tvm.s_tir import dlight
+
     return tvm.transform.Sequential([
         backend.DispatchSampling(),
         backend.DispatchSortScan(),
         transform.LegalizeOps(),
+        *([dlight.ApplyDefaultSchedule(dlight.gpu.Fallback())] if gpu else []),
         transform.ToNonDataflow(),
         transform.RemovePurityChecking(),
         transform.CallTIRRewrite(),
@@ -41,22 +48,28 @@ def deploy_pipeline() -> tvm.transform.Pass:
 
 
 def rewrite_pattern_convs(module: tvm.IRModule, metadata: PatternMetadata | None, target: TargetSpec,
-                          measure=None) -> tuple[tvm.IRModule, list[LayerKernel]]:
+                          measure=None, kernels: ConvKernels | None = None) -> tuple[tvm.IRModule, list[LayerKernel]]:
     """Every ``relax.nn.conv2d`` with a constant weight becomes a call of our generated kernel.
 
-    Works on any Relax module (TVM's ONNX frontend, hand-built) whose convs are NCHW/OIHW at batch
-    1, 3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1. A conv whose weight has the shape of a
-    metadata layer and conforms to its patterns is that layer (layers are taken in order; a weight
-    that contradicts every candidate stops the build naming the layer). Per conv the kernel is
+    ``kernels``: the target's conv kernels (default: the CPU ones; CUDA targets pass
+    ``compile.cuda.lower.CudaConvKernels``). Works on any Relax module (TVM's ONNX frontend,
+    hand-built) whose convs are NCHW/OIHW at the kernels' batch (1 on CPUs), 3x3 pad 1 or 1x1 pad
+    0, stride 1 or 2, group 1. A conv whose weight has the shape of a metadata layer and conforms
+    to its patterns is that layer (layers are taken in order; a weight that contradicts every
+    candidate stops the build naming the layer). Per conv the kernel is
     chosen as in the ONNX lowering (pattern / connectivity / dense, ``plan_conv``); a following
     bias add, residual add and ReLU, when only the conv's chain uses them, run in the kernel's
-    epilogue. The kernels read and write NCHW[L]c: a pack before and an unpack after each, and an
-    unpack that feeds a pack of the same layout is skipped, so consecutive convs stay blocked
-    (dead unpacks are removed by ``DeadCodeElimination``). Returns the module and the manifest
-    entries. Unsupported convs raise ``CompileError``, contradicting weights ``MetadataError``.
+    epilogue. The CPU kernels read and write NCHW[L]c: a pack before and an unpack after each, and
+    an unpack that feeds a pack of the same layout is skipped, so consecutive convs stay blocked
+    (dead unpacks are removed by ``DeadCodeElimination``); NCHW kernels (CUDA) need neither.
+    Returns the module and the manifest entries. Unsupported convs raise ``CompileError``,
+    contradicting weights ``MetadataError``.
     """
+    kernels = kernels or ConvKernels()
+    if kernels.device != target.device:
+        raise CompileError(f"{target.name}: a {target.device} target given {kernels.device} conv kernels")
     layout = target.layout_for([e.mask.block_size for e in metadata.layers] if metadata else [])
-    rewriter = _ConvRewriter(module, metadata, layout, measure)
+    rewriter = _ConvRewriter(module, metadata, layout, measure, kernels)
     functions = [(gvar, func) for gvar, func in module.functions_items() if isinstance(func, relax.Function)]
     for _, func in functions:  # in Python, before any FFI callback, so errors keep their type
         rewriter.analyse(func)
@@ -67,7 +80,8 @@ def rewrite_pattern_convs(module: tvm.IRModule, metadata: PatternMetadata | None
     return transform.DeadCodeElimination()(rewriter.builder_.get()), rewriter.manifest
 
 
-def pattern_conv_rewrite(metadata: PatternMetadata | None, target: TargetSpec, measure=None) -> tvm.transform.Pass:
+def pattern_conv_rewrite(metadata: PatternMetadata | None, target: TargetSpec, measure=None,
+                         kernels: ConvKernels | None = None) -> tvm.transform.Pass:
     """``rewrite_pattern_convs`` as a module pass for pipelines; ``.manifest`` holds the layers
     after it ran (inside a pass, errors reach the caller as TVM errors with the same message)."""
 
@@ -77,7 +91,7 @@ def pattern_conv_rewrite(metadata: PatternMetadata | None, target: TargetSpec, m
             self.manifest: list[LayerKernel] = []
 
         def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-            mod, self.manifest = rewrite_pattern_convs(mod, metadata, target, measure)
+            mod, self.manifest = rewrite_pattern_convs(mod, metadata, target, measure, kernels)
             return mod
 
     return PatternConvRewrite()
@@ -105,9 +119,10 @@ def _layer_name(var: relax.Var, index: int) -> str:
 class _ConvRewriter(relax.PyExprMutator):
     """Finds conv -> [bias add] -> [residual add] -> [ReLU] chains and emits one kernel per chain."""
 
-    def __init__(self, mod: tvm.IRModule, metadata, layout: Layout, measure):
+    def __init__(self, mod: tvm.IRModule, metadata, layout: Layout, measure, kernels: ConvKernels):
         super().__init__(mod)
         self.module, self.metadata, self.layout, self.measure = mod, metadata, layout, measure
+        self.kernels = kernels
         self.rejected: list = []   # (conv index, weight) of 3x3 convs that matched no layer
         self.library = metadata.library.numpy() if metadata else None
         self.unmatched = list(metadata.layers) if metadata else []
@@ -230,11 +245,11 @@ class _ConvRewriter(relax.PyExprMutator):
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW" \
                 or conv.value.args[0].ty.dtype != "float32" or weight.dtype != np.float32 or int(attrs.groups) != 1 \
                 or [int(v) for v in attrs.dilation] != [1, 1] or strides[0] != strides[1] \
-                or strides[0] not in (1, 2) or _shape(conv.value.args[0])[0] != 1 \
+                or strides[0] not in (1, 2) or _shape(conv.value.args[0])[0] != self.kernels.batch \
                 or not ((kh, kw) == (3, 3) and padding == [1] * 4 or (kh, kw) == (1, 1) and padding == [0] * 4):
             raise CompileError(f"conv2d #{index} ({list(weight.shape)}, strides {strides}, padding {padding}, "
-                               f"groups {int(attrs.groups)}): not supported (float32 NCHW batch 1, 3x3 pad 1 or "
-                               "1x1 pad 0, stride 1 or 2, group 1)")
+                               f"groups {int(attrs.groups)}): not supported (float32 NCHW batch "
+                               f"{self.kernels.batch}, 3x3 pad 1 or 1x1 pad 0, stride 1 or 2, group 1)")
         return self._layer(weight, index, conv.var.name) if kh == 3 else None
 
     def _emit_conv(self, conv: relax.Call, layer, name: str, bias, residual, relu: bool) -> relax.Var:
@@ -242,22 +257,28 @@ class _ConvRewriter(relax.PyExprMutator):
         oc, stride = weight.shape[0], int(conv.attrs.strides[0])
         x = self.visit_expr(conv.args[0])
         _, channels, height, width = _shape(x)
-        in_lanes = channels if channels < self.layout.lanes else self.layout.lanes
+        in_lanes = min(channels, self.layout.lanes) if self.kernels.blocked else 1
         name = layer.module if layer else name
         spec, packed, entry = plan_conv(name, weight, np.zeros(oc, np.float32) if bias is None else bias, layer,
                                         self.library, self.layout, (height, width, in_lanes), stride, relu,
-                                        residual is not None, self.measure)
+                                        residual is not None, self.measure, self.kernels)
         self.manifest.append(entry)
         args = [self._pack(x, in_lanes), *[relax.const(a) for a in packed]]
         if residual is not None:
             args.append(self._pack(self.visit_expr(residual), spec.lanes))
+        out = self._kernel(self.kernels.source(spec, "__NAME__"), "conv", args, self.kernels.output_shape(spec))
+        entry.function = self.builder_.lookup_binding(out).args[0].name_hint
+        if not self.kernels.blocked:
+            return out
         oh, ow = spec.out_hw
-        out = self._kernel(conv_tvmscript(spec, "__NAME__"), "conv", args, (spec.out_blocks, oh, ow, spec.lanes))
         nchw = self._kernel(unpack_tvmscript(oc, oh, ow, spec.lanes, "__NAME__"), "unpack", [out], (1, oc, oh, ow))
         self.blocked[nchw] = (out, spec.lanes)
         return nchw
 
     def _pack(self, x: relax.Expr, lanes: int) -> relax.Expr:
+        """``x`` (1, C, H, W) in NCHW[lanes]c for a CPU kernel (NCHW kernels take it as it is)."""
+        if not self.kernels.blocked:
+            return x
         if x in self.blocked and self.blocked[x][1] == lanes:
             return self.blocked[x][0]
         _, channels, height, width = _shape(x)

@@ -21,6 +21,11 @@ fi
 # torch==2.13.0 first: that exact pin resolves to the CPU build on this machine.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# nvcc for CUDA builds: the machine's, else NVIDIA's wheels (nvvm pinned to the same release).
+if ! command -v nvcc >/dev/null 2>&1; then
+  .venv/bin/pip install -q --disable-pip-version-check nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
+fi
 # aarch64 TVM runtime + qemu runner for validating ARM builds on this x86 host.
 if [ ! -x .arm64/runner ]; then
   .venv/bin/python -m clicktrain_deploy.compile.arm

@@ -41,11 +41,11 @@ def _block(seed=0):
     return [stem, conv1, conv2, shortcut], biases, metadata
 
 
-def _module(weights, biases) -> tvm.IRModule:
+def _module(weights, biases, batch: int = 1) -> tvm.IRModule:
     """The block as plain Relax ops, as TVM's ONNX frontend writes a Conv with bias."""
     stem, conv1, conv2, shortcut = weights
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 3, 9, 11), "float32"))
+    x = relax.Var("x", relax.TensorType((batch, 3, 9, 11), "float32"))
 
     def conv(data, weight, bias, stride, padding):
         out = bb.emit(relax.op.nn.conv2d(data, relax.const(weight), strides=stride, padding=padding))

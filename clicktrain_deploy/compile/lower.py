@@ -7,6 +7,9 @@ pools and the classifier as our kernels on NCHW[L]c; then the Relax pass
 whose epilogue runs the bias, residual and ReLU, choosing per conv the variant (pattern-sparse,
 connectivity-only, dense) with ``plan_conv`` and recording the reason. Activations stay in
 NCHW[L]c from the packed input to the global pool: the unpack/pack pairs between kernels vanish.
+
+The conv kernels a target gets are a ``ConvKernels``: this module's is the CPU one; CUDA targets
+use ``compile.cuda.lower``'s (NCHW, batch fixed at compile time) through the same two steps.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class LayerKernel:
     kept_fraction: float = 1.0
     estimated_speedup: float = 1.0
     measured_us: dict | None = None
+    function: str | None = None  # a conv's kernel in the library (set by the rewrite)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,8 +82,10 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 class _Lowering:
+    batch = 1  # images per call of the built module
+
     def __init__(self, model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec):
-        self.model, self.target = model, target
+        self.model, self.target, self.pattern_metadata = model, target, metadata
         self.metadata = {e.initializer: e for e in (metadata.layers if metadata else [])}
         self.layout = target.layout_for([e.mask.block_size for e in self.metadata.values()])
         self.lanes = self.layout.lanes
@@ -261,7 +267,7 @@ class _Lowering:
         graph_input = self.model.graph.input[0]
         dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]]
         channels, height, width = dims
-        x = relax.Var(graph_input.name, relax.TensorType((1, channels, height, width), "float32"))
+        x = relax.Var(graph_input.name, relax.TensorType((self.batch, channels, height, width), "float32"))
         with self.builder.function("main", [x]):
             with self.builder.dataflow():
                 self.values[graph_input.name] = _Value(x, channels, height, width, lanes=0)
@@ -269,6 +275,24 @@ class _Lowering:
                 result = self.builder.emit_output(out.expr)
             self.builder.emit_func_output(result)
         return self.builder.get()
+
+    def conv_kernels(self) -> ConvKernels:
+        """The kernels the rewrite gives this target's convs."""
+        return ConvKernels()
+
+    def lower(self, measure: HostTimer | None = None) -> tuple[tvm.IRModule, list[LayerKernel], Layout]:
+        """Both steps: the Relax module, then every conv chain rewritten into a kernel; fails
+        naming the ops that got no generated kernel. Returns module, manifest (convs first), layout."""
+        from ..passes.relax_passes import rewrite_pattern_convs
+
+        module, convs = rewrite_pattern_convs(self.build(), self.pattern_metadata, self.target, measure,
+                                              self.conv_kernels())
+        left = set(_relax_ops(module["main"])) - {"relax.call_tir", "relax.reshape"}
+        if left:
+            raise CompileError(f"ops left without a generated kernel: {sorted(left)}")
+        for entry in convs:
+            entry.layer = self.conv_names.get(entry.layer, entry.layer)
+        return module, convs + self.manifest, self.layout
 
 
 def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target: TargetSpec,
@@ -281,16 +305,7 @@ def lower_onnx(model: onnx.ModelProto, metadata: PatternMetadata | None, target:
     ambiguous (1.1x-3x) and picks the faster (every layer when ``measure.every_layer``);
     otherwise a layer goes sparse when it saves at least 1.25x of the multiply-adds.
     """
-    from ..passes.relax_passes import rewrite_pattern_convs
-
-    lowering = _Lowering(model, metadata, target)
-    module, convs = rewrite_pattern_convs(lowering.build(), metadata, target, measure)
-    left = set(_relax_ops(module["main"])) - {"relax.call_tir", "relax.reshape"}
-    if left:
-        raise CompileError(f"ops left without a generated kernel: {sorted(left)}")
-    for entry in convs:
-        entry.layer = lowering.conv_names.get(entry.layer, entry.layer)
-    return module, convs + lowering.manifest, lowering.layout
+    return _Lowering(model, metadata, target).lower(measure)
 
 
 def _relax_ops(func: relax.Function) -> list[str]:
@@ -300,15 +315,46 @@ def _relax_ops(func: relax.Function) -> list[str]:
     return found
 
 
+class ConvKernels:
+    """A target's conv kernels, as ``plan_conv`` builds their candidates and the Relax rewrite
+    calls them. This one: the CPU kernels of ``conv_kernels`` at batch 1 on NCHW[L]c activations
+    (the rewrite packs before and unpacks after each conv; the pairs between convs vanish)."""
+
+    device = "cpu"
+    batch = 1
+    blocked = True  # activations in NCHW[L]c (False: the kernels read and write NCHW)
+
+    def candidate(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, base: dict,
+                  out_hw: tuple[int, int], layout: Layout) -> tuple[str, ConvSpec, list[np.ndarray]]:
+        """One candidate of a conv: its spec and compact weights [ptr, coff, wv] (``base``: the
+        ConvSpec fields every candidate shares; ``out_hw``: the output's OH, OW)."""
+        tile = layout.pattern_tile if len(groups[0]) == 4 else choose_tile(*out_hw, layout.dense_tiles)
+        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
+        ptr, coff, wv = compact_weights(weight, assign, spec)
+        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
+        return kernel, spec, [ptr, coff, wv]
+
+    def source(self, spec: ConvSpec, name: str) -> str:
+        """TVMScript of the chosen kernel: (X, ptr, coff, wv, bias, R?) -> Y."""
+        return conv_tvmscript(spec, name)
+
+    def output_shape(self, spec: ConvSpec) -> tuple[int, ...]:
+        oh, ow = spec.out_hw
+        return spec.out_blocks, oh, ow, spec.lanes
+
+
 def plan_conv(name: str, weight: np.ndarray, bias: np.ndarray, layer, library: np.ndarray | None, layout: Layout,
               source: tuple[int, int, int], stride: int, relu: bool, residual: bool,
-              measure: HostTimer | None = None) -> tuple[ConvSpec, list[np.ndarray], LayerKernel]:
+              measure: HostTimer | None = None,
+              kernels: ConvKernels | None = None) -> tuple[ConvSpec, list[np.ndarray], LayerKernel]:
     """Choose and pack the kernel of one conv: weight (OC, IC, 3, 3) or (OC, IC, 1, 1), bias (OC,),
-    input ``source`` = (H, W, Li) in NCHW[Li]c; ``layer`` is its metadata entry (None: dense).
+    input ``source`` = (H, W, Li) in NCHW[Li]c (Li 1: NCHW); ``layer`` is its metadata entry (None:
+    dense); ``kernels``: the target's (default: the CPU kernels).
 
-    Returns the kernel's spec, its constant arguments [ptr, coff, wv, bias (OCB, L)] and the
+    Returns the kernel's spec, its constant arguments [*compact weights, bias (OCB, L)] and the
     manifest entry. Weights that break the layer's patterns raise ValueError (compact_weights).
     """
+    kernels = kernels or ConvKernels()
     oc, ic, kh, _ = weight.shape
     shape = list(weight.shape)
     if kh == 1:  # a 1x1 conv is the generator's centre tap (it reads input pixel (y*s, x*s))
@@ -320,13 +366,8 @@ def plan_conv(name: str, weight: np.ndarray, bias: np.ndarray, layer, library: n
     out_hw = ((height - 1) // stride + 1, (width - 1) // stride + 1)
     base = dict(in_channels=ic, out_channels=oc, height=height, width=width, stride=stride,
                 in_lanes=in_lanes, lanes=lanes, relu=relu, residual=residual)
-    built = []
-    for kernel, groups, assign in _conv_candidates(weight, layer, library, lanes):
-        tile = layout.pattern_tile if len(groups[0]) == 4 else choose_tile(*out_hw, layout.dense_tiles)
-        spec = ConvSpec(groups=groups, entries=0, tile=tile, **base)
-        ptr, coff, wv = compact_weights(weight, assign, spec)
-        spec = ConvSpec(groups=groups, entries=int(ptr[-1]), tile=tile, **base)
-        built.append((kernel, spec, [ptr, coff, wv]))
+    built = [kernels.candidate(kernel, groups, assign, weight, base, out_hw, layout)
+             for kernel, groups, assign in _conv_candidates(weight, layer, library, lanes)]
     kernel, spec, packed, entry = _choose(name, shape, built, measure)
     bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
     bias_blocks[:oc] = bias

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..registry import Registry
 
@@ -36,6 +37,7 @@ class TargetSpec:
     sparse_layouts: by preference; a build uses the first whose lanes divide every pruned
     layer's block size B (so the lanes of a kernel block share patterns). dense_layout: for builds
     without pattern metadata. cross_compiler: C++ driver that links the ``.so`` (None: the host's).
+    device: where the kernels run, "cpu" or "cuda" (GPU kernels, device code built with nvcc).
     """
 
     name: str
@@ -43,10 +45,11 @@ class TargetSpec:
     sparse_layouts: tuple[Layout, ...]
     dense_layout: Layout
     cross_compiler: str | None = None
+    device: str = "cpu"
 
     @property
     def runs_on_host(self) -> bool:
-        return self.cross_compiler is None
+        return self.cross_compiler is None and self.device == "cpu"
 
     def layout_for(self, block_sizes: list[int]) -> Layout:
         """The layout of a build whose pruned layers have these block sizes (none: dense)."""
@@ -101,3 +104,22 @@ def cortex_a72() -> TargetSpec:
 @TARGETS.register("cortex-a76")
 def cortex_a76() -> TargetSpec:
     return _arm("cortex-a76", "cortex-a76")
+
+
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # A100; RTX 30xx/A10; RTX 40xx/L4; H100/H200
+# On a GPU, L is the conv's output-channel block and the tile is each thread's register tile
+# (1 column, PY rows): L x PY = 32 accumulators per thread. Activations are NCHW (see compile/cuda).
+CUDA_LAYOUTS = tuple(Layout(lanes, (1, 32 // lanes), ((1, 32 // lanes),)) for lanes in (16, 8, 4))
+
+
+def cuda_target(arch: str) -> TargetSpec:
+    """NVIDIA GPU of compute capability ``arch`` (one of CUDA_ARCHS); host code for x86-64."""
+    if arch not in CUDA_ARCHS:
+        raise KeyError(f"unknown CUDA arch {arch!r}; presets: {', '.join(CUDA_ARCHS)}")
+    return TargetSpec(f"cuda-{arch.replace('_', '')}", {"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}},
+                      CUDA_LAYOUTS, CUDA_LAYOUTS[0], device="cuda")
+
+
+for _arch in CUDA_ARCHS:
+    TARGETS.register(f"cuda-{_arch.replace('_', '')}")(partial(cuda_target, _arch))
+TARGETS.register("cuda")(partial(cuda_target, "sm_90"))  # `--target cuda` without --arch: Hopper

@@ -1,0 +1,1 @@
+"""CUDA target: GPU schedules of the generated kernels, nvcc device build, GPU runtime helpers."""

@@ -1,0 +1,270 @@
+"""CUDA target: GPU kernels checked on this CPU (emulated thread loops) against torch and
+onnxruntime, the sm_90 library built with nvcc, presets and errors; GPU runs where a GPU exists."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clicktrain_deploy.cli import app
+from clicktrain_deploy.compile.build import compile_model
+from clicktrain_deploy.compile.conv_kernels import (
+    ALL_TAPS, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
+)
+from clicktrain_deploy.compile.cuda.kernels import (
+    CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_schedule, dense_cuda_tvmscript, entry_channels,
+    maxpool_cuda_tvmscript,
+)
+from clicktrain_deploy.compile.cuda.lower import CudaConvKernels, lower_onnx_cuda
+from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
+from clicktrain_deploy.compile.lower import CompileError
+from clicktrain_deploy.compile.targets import CUDA_ARCHS, TARGETS
+from clicktrain_deploy.export.check import onnxruntime_session
+from clicktrain_deploy.export.onnx_export import load_onnx
+from clicktrain_deploy.passes.onnx_passes import verify
+from clicktrain_deploy.passes.relax_passes import rewrite_pattern_convs
+
+from .test_compile import _real_inputs
+from .test_conv_kernels import LIBRARY, _pattern_weight
+from .test_relax_pass import _block, _calls, _module, _reference
+
+tvm = pytest.importorskip("tvm")
+needs_gpu = pytest.mark.skipif("not gpu_present()", reason="no NVIDIA GPU on this machine")
+
+
+def _emulated_conv(weight, assign, groups, *, height, width, stride, lanes, batch=2, relu=True, residual=True):
+    """Run the GPU conv kernel's statements on the CPU; compare with torch in float64.
+
+    Returns the spec and the most entries of one output block (chunks of at most 5 are staged)."""
+    out_channels, in_channels = weight.shape[:2]
+    oh, ow = (height - 1) // stride + 1, (width - 1) // stride + 1
+    base = dict(in_channels=in_channels, out_channels=out_channels, height=height, width=width, stride=stride,
+                in_lanes=1, lanes=lanes, groups=groups, relu=relu, residual=residual, batch=batch)
+    ptr, _, wv = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(oh, ow, stride, 32 // lanes, 5))
+    func = tvm.script.from_source(conv_cuda_tvmscript(spec, "conv", emulate=True))
+    kernel = build_emulated(tvm.IRModule({"conv": func})).jit()["conv"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, in_channels, height, width)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    res = rng.standard_normal((batch, out_channels, oh, ow)).astype(np.float32)
+    bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
+    bias_blocks[:out_channels] = bias
+    args = [x, ptr, entry_channels(assign, len(groups)), wv, bias_blocks.reshape(-1, lanes)]
+    args += [res] if residual else []
+    args += [np.zeros((batch, out_channels, oh, ow), np.float32)]
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    kernel(*tensors)
+    pad = 0 if groups == (((1, 1),),) else 1
+    w64 = torch.from_numpy(weight).double()[:, :, 1 - pad:2 + pad, 1 - pad:2 + pad]
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), w64, torch.from_numpy(bias).double(),
+                                     stride=stride, padding=pad)
+    ref = ref + torch.from_numpy(res).double() if residual else ref
+    ref = torch.relu(ref) if relu else ref
+    np.testing.assert_allclose(tensors[-1].numpy(), ref.numpy(), atol=2e-5, rtol=1e-5)
+    return spec, int(np.diff(ptr[:: len(groups)]).max())
+
+
+@pytest.mark.parametrize("out_channels,in_channels,size,stride,lanes,block", [
+    (32, 24, (14, 14), 1, 16, 16),   # two output blocks, several chunks of entries
+    (24, 20, (9, 7), 2, 8, 8),       # odd sizes, stride 2 (halo and tile edges)
+    (20, 12, (40, 33), 2, 4, 4),     # several tiles each way, last channel block partial
+])
+def test_gpu_pattern_conv_matches_torch(out_channels, in_channels, size, stride, lanes, block):
+    weight, ids = _pattern_weight(out_channels, in_channels, block, removed=0.5)
+    ids[0] = -1  # a fully removed output block: no entries, only bias (+ residual)
+    weight[:block] = 0
+    spec, most_entries = _emulated_conv(weight, pattern_assignment(ids, block, out_channels, lanes),
+                                        library_taps(LIBRARY), height=size[0], width=size[1], stride=stride,
+                                        lanes=lanes)
+    assert most_entries > spec.chunk  # entries of one block span several shared-memory chunks
+
+
+def test_gpu_dense_connectivity_and_pointwise_convs_match_torch():
+    rng = np.random.default_rng(2)
+    stem = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)  # dense stem, one input channel
+    _emulated_conv(stem, np.zeros((1, 1), int), (ALL_TAPS,), height=28, width=28, stride=1, lanes=16,
+                   residual=False)
+    weight, _ = _pattern_weight(24, 16, 1, removed=0.7, seed=1)  # B=1: per-kernel patterns
+    kept = np.abs(weight).sum((2, 3)) > 0
+    _emulated_conv(weight, connectivity_assignment(kept, 8), (ALL_TAPS,), height=9, width=7, stride=1, lanes=8)
+    shortcut = np.zeros((32, 16, 3, 3), np.float32)
+    shortcut[:, :, 1, 1] = rng.standard_normal((32, 16))
+    _emulated_conv(shortcut, np.zeros((2, 16), int), (((1, 1),),), height=13, width=13, stride=2, lanes=16,
+                   relu=False, residual=False)
+
+
+def test_gpu_pool_and_classifier_kernels_match_torch():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
+    w, b = rng.standard_normal((11, 5)).astype(np.float32), rng.standard_normal(11).astype(np.float32)
+    cases = [(maxpool_cuda_tvmscript(3, 5, 7, 9, "k", emulate=True), [x], (3, 5, 4, 5),
+              torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, ceil_mode=True)),
+             (avgpool_cuda_tvmscript(3, 5, 7, 9, "k", emulate=True), [x], (3, 5), torch.from_numpy(x).mean((2, 3))),
+             (dense_cuda_tvmscript(3, 5, 11, True, "k", emulate=True), [x[:, :, 0, 0].copy(), w, b], (3, 11),
+              torch.relu(torch.from_numpy(x[:, :, 0, 0]) @ torch.from_numpy(w).T + torch.from_numpy(b)))]
+    for source, inputs, shape, expected in cases:
+        kernel = build_emulated(tvm.IRModule({"k": tvm.script.from_source(source)})).jit()["k"]
+        tensors = [tvm.runtime.tensor(a) for a in [*inputs, np.zeros(shape, np.float32)]]
+        kernel(*tensors)
+        np.testing.assert_allclose(tensors[-1].numpy(), expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):
+    """The whole CUDA lowering (NCHW, batch 3, pattern kernels, pool, classifier) run on the CPU."""
+    from tvm import relax
+
+    _, result = exported
+    model = load_onnx(result.path)
+    module, layers, layout = lower_onnx_cuda(model, verify(model), TARGETS.get("cuda")(), batch=3, emulate=True)
+    assert layout.lanes == 4  # the fixture's B=4: four output channels share each pattern
+    assert sum(layer.kernel == "pattern" for layer in layers) == 18
+    vm = relax.VirtualMachine(build_emulated(module), tvm.cpu())
+    images = _real_inputs(fmnist, 3)
+    got = vm["main"](tvm.runtime.tensor(images)).numpy()
+    expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_relax_pass_with_gpu_kernels_on_a_hand_built_module():
+    """The CPU targets' Relax pass, given the GPU kernels: every conv chain of a batch-2 module
+    becomes one NCHW kernel (no pack/unpack), layers matched and chosen as on CPUs."""
+    from tvm import relax
+
+    weights, biases, metadata = _block()
+    module, manifest = rewrite_pattern_convs(_module(weights, biases, batch=2), metadata, TARGETS.get("cuda")(),
+                                             kernels=CudaConvKernels(2, emulate=True))
+    calls = _calls(module)
+    assert [c.rstrip("0123456789") for c in calls] == ["conv"] * 4
+    assert {e.layer: e.kernel for e in manifest} == {"conv2d_0": "dense", "conv1": "pattern",
+                                                     "conv2d_2": "pointwise", "conv2": "pattern"}
+    assert sorted(e.function for e in manifest) == sorted(calls)  # each layer names its kernel
+    image = np.random.default_rng(1).standard_normal((2, 3, 9, 11)).astype(np.float32)
+    got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(image)).numpy()
+    np.testing.assert_allclose(got, _reference(image, weights, biases), atol=1e-4, rtol=1e-4)
+    with pytest.raises(CompileError, match="cuda-sm90: a cuda target given cpu conv kernels"):
+        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")())
+    with pytest.raises(CompileError, match=r"conv2d #0 .*batch 2"):  # the kernels' batch is the module's
+        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")(), kernels=CudaConvKernels(2))
+
+
+def _tiny_vgg(path):
+    """Conv, ReLU, 2x2 max pool to a 1x1 map, Flatten, Gemm: the VGG ops ResNets do not use."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(6)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], rng.standard_normal(216).astype(np.float32)),
+             helper.make_tensor("b", TensorProto.FLOAT, [8], rng.standard_normal(8).astype(np.float32)),
+             helper.make_tensor("fw", TensorProto.FLOAT, [5, 8], rng.standard_normal(40).astype(np.float32)),
+             helper.make_tensor("fb", TensorProto.FLOAT, [5], rng.standard_normal(5).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "vgg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+
+
+def test_vgg_ops_lower_emulate_and_build_for_sm80(tmp_path):
+    """Max pool and a flatten (dlight's fallback GPU schedule) too: emulated vs onnxruntime, then
+    built with nvcc for another preset."""
+    from tvm import relax
+
+    _tiny_vgg(tmp_path / "vgg.onnx")
+    model = load_onnx(tmp_path / "vgg.onnx")
+    module, layers, _ = lower_onnx_cuda(model, None, TARGETS.get("cuda-sm80")(), batch=2, emulate=True)
+    assert [layer.kernel for layer in layers] == ["dense", "maxpool", "dense"]
+    x = np.random.default_rng(7).standard_normal((2, 3, 2, 2)).astype(np.float32)
+    got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = onnxruntime_session((tmp_path / "vgg.onnx").read_bytes()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    built = compile_model(tmp_path / "vgg.onnx", "cuda-sm80", tmp_path / "vgg.so", batch=2)
+    assert built.manifest["device_code"]["arch"] == "sm_80" and embedded_fatbins(built.library) == 1
+
+
+@pytest.fixture(scope="module")
+def sm90_build(exported, tmp_path_factory):
+    """The demo model compiled by the CLI for sm_90 at batch 2 with nvcc (one build for the tests)."""
+    library = tmp_path_factory.mktemp("cuda") / "model_sm90.so"
+    out = CliRunner().invoke(app, ["compile", str(exported[1].path), "--target", "cuda", "--arch", "sm_90",
+                                   "--batch", "2", "-o", str(library)])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())  # rich wraps lines
+    assert "for cuda-sm90" in said and "18 pattern" in said
+    return library
+
+
+def test_sm90_library_embeds_nvcc_device_code(sm90_build):
+    assert sm90_build.read_bytes()[:4] == b"\x7fELF"
+    assert embedded_fatbins(sm90_build) == 1  # device code, not CUDA source
+    tvm.runtime.load_module(str(sm90_build))  # the CUDA module deserialises
+    manifest = json.loads(sm90_build.with_suffix(".json").read_text())
+    assert manifest["target"] == "cuda-sm90" and manifest["tvm_target"]["arch"] == "sm_90"
+    assert manifest["inputs"][0]["shape"] == [2, 1, 28, 28]
+    code = manifest["device_code"]
+    assert code["nvcc"].startswith(("12.", "13.")) and code["fatbin_bytes"] > 10_000
+    assert code["spill_bytes"] == 0 and 32 < code["max_registers"] <= 255  # accumulators in registers
+    assert code["kernels"] == 23  # 21 convs, pool, classifier: no pack kernel on NCHW
+    convs = [layer for layer in manifest["layers"] if layer["op"] == "conv"]
+    assert [layer["kernel"] for layer in convs].count("pattern") == 18
+    assert all("fewer multiply-adds" in layer["reason"] for layer in convs if layer["kernel"] == "pattern")
+
+
+def test_emulation_runs_the_gpu_kernels_statements():
+    """What the CPU check runs is the GPU kernel: the same statements, only the thread loops and
+    barriers differ (so the emulated tests above speak for the GPU kernel's indexing)."""
+    weight, ids = _pattern_weight(32, 16, 16, removed=0.3)
+    assign = pattern_assignment(ids, 16, 32, 16)
+    base = dict(in_channels=16, out_channels=32, height=14, width=14, stride=1, in_lanes=1, lanes=16,
+                groups=library_taps(LIBRARY), relu=True, residual=True, batch=2)
+    ptr = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))[0]
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 1, 2, 16))
+    gpu = conv_cuda_tvmscript(spec, "conv")
+    emulated = conv_cuda_tvmscript(spec, "conv", emulate=True).replace("acc[t, ", "acc[")
+    only_gpu = {line.strip() for line in gpu.splitlines()} - {line.strip() for line in emulated.splitlines()}
+    assert only_gpu == {"for bx in T.thread_binding(4, thread='blockIdx.x'):",
+                        "for t in T.thread_binding(98, thread='threadIdx.x'):",
+                        "T.tvm_storage_sync('shared')",
+                        "Xs = T.alloc_buffer((4096,), 'float32', scope='shared')",
+                        "Ws = T.alloc_buffer((1024,), 'float32', scope='shared')",
+                        "acc = T.alloc_buffer((2, 16), 'float32', scope='local')"}
+    assert gpu.count("T.tvm_storage_sync('shared')") == 2  # after the loads, after the compute
+    assert gpu.count("xv: T.float32") == sum(len(g) for g in library_taps(LIBRARY))  # taps unrolled
+
+
+def test_cuda_presets_and_errors(exported, tmp_path):
+    for arch in CUDA_ARCHS:
+        target = tvm.target.Target(TARGETS.get(f"cuda-{arch.replace('_', '')}")().tvm_target)
+        assert target.kind.name == "cuda" and str(target.attrs["arch"]) == arch
+        assert target.host.kind.name == "llvm"
+    assert TARGETS.get("cuda")().tvm_target["arch"] == "sm_90"
+    runner = CliRunner()
+    model = str(exported[1].path)
+    out = runner.invoke(app, ["compile", model, "--target", "cuda", "--arch", "sm_75", "-o", str(tmp_path / "m.so")])
+    assert out.exit_code == 2 and "unknown CUDA arch" in out.output and "sm_90" in out.output
+    out = runner.invoke(app, ["compile", model, "--target", "x86", "--arch", "sm_90", "-o", str(tmp_path / "m.so")])
+    assert out.exit_code == 2 and "only for --target cuda" in out.output
+    with pytest.raises(CompileError, match="batch 4: x86 builds take batch 1"):
+        compile_model(model, "x86", tmp_path / "m.so", batch=4)
+    assert not (tmp_path / "m.so").exists()
+
+
+@needs_gpu
+@pytest.mark.parametrize("sparse", [True, False])
+def test_cuda_build_matches_onnxruntime_on_gpu(exported, fmnist, sm90_build, tmp_path, sparse):
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    _, result = exported
+    if sparse and arch == "sm_90":
+        library = sm90_build
+    else:
+        target = f"cuda-{arch.replace('_', '')}" if arch in CUDA_ARCHS else "cuda"
+        library = compile_model(result.path, target, tmp_path / "model.so", sparse=sparse, batch=2).library
+    images = _real_inputs(fmnist, 2)
+    expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
+    np.testing.assert_allclose(run_on_cuda(library, images), expected, atol=1e-4, rtol=1e-4)
