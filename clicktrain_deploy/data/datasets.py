@@ -56,15 +56,17 @@ class ImageData:
 
 
 def load_data(name: str, root: str | None = None, train_subset: int | None = None,
-              seed: int = 0, **options) -> ImageData:
+              seed: int = 0, test_subset: int | None = None, **options) -> ImageData:
     """Load dataset ``name`` from ``root`` (its default when None).
 
     ``train_subset`` keeps a class-balanced random subset of that many training images, drawn with
-    ``seed``, for short runs.
+    ``seed``, for short runs; ``test_subset`` does the same for the test split.
     """
     data = DATASETS.get(name)(root, **options) if root else DATASETS.get(name)(**options)
     if train_subset is not None and train_subset < len(data.train):
         data.train = _balanced_subset(data.train, train_subset, len(data.classes), seed)
+    if test_subset is not None and test_subset < len(data.test):
+        data.test = _balanced_subset(data.test, test_subset, len(data.classes), seed)
     return data
 
 
