@@ -63,12 +63,10 @@ def run_pipeline(recipe: Recipe, *, until: str | None = None, progress: bool = T
     """
     console = console or Console(stderr=True)
     folder = RunFolder(Path(recipe.output_dir))
-    planned = plan(recipe)
-    stages = _select(planned, until)
+    stages = _select(plan(recipe), until)
     folder.root.mkdir(parents=True, exist_ok=True)
     state = PipelineState.load(folder.state)
-    state.targets = list(recipe.deploy.targets)  # records of stages no longer planned are dropped
-    state.stages = {s.name: state.stages[s.name] for s in planned if s.name in state.stages}
+    state.targets = list(recipe.deploy.targets)  # records of other targets stay, for when they return
     result = PipelineResult(folder, [])
     for index, stage in enumerate(stages, 1):
         digest = inputs_digest(stage.settings, {str(p.relative_to(folder.root)): p for p in stage.reads})

@@ -94,7 +94,9 @@ def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict
     context: dict = {"title": folder.root.name, "folder": str(folder.root), "targets": targets,
                      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                      "metrics": metrics, "final": metrics[-1], "sparsity": sparsity, "checks": checks,
-                     "stages": (state or {}).get("stages", {}), "figures": {}}
+                     "stages": {name: stage for name, stage in (state or {}).get("stages", {}).items()
+                                if name.partition(":")[2] in ("", "onnxruntime", *targets)},
+                     "figures": {}}
     context["figures"]["training"] = figures.to_data_uri(figures.training_curves(metrics))
     if sparsity and sparsity["layers"]:
         context["figures"]["density"] = figures.to_data_uri(figures.layer_density(sparsity["layers"]))
