@@ -32,8 +32,9 @@ STAGES = ["train", "export", "validate:onnxruntime", "compile:x86", "validate:x8
 
 
 def tiny_recipe(output_dir: Path, **overrides) -> dict:
-    """2 epochs on 600 real training images (500 test), B=4, both default targets, short benchmark."""
-    recipe = small_recipe(output_dir, schedule={"epochs": 2}, pruning={"hard_prune_epoch": 1},
+    """2 epochs on 600 real training images (500 test), B=16 as the default recipe, both default
+    targets, short benchmark."""
+    recipe = small_recipe(output_dir, schedule={"epochs": 2}, pruning={"hard_prune_epoch": 1, "block_size": 16},
                           data={"test_subset": 500})
     recipe["deploy"] = {"targets": ["x86", "cortex-a72"], "validate_images": 50, "emulated_images": 2,
                         "bench_threads": [1], "bench_rounds": 1}

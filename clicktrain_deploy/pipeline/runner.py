@@ -29,9 +29,6 @@ class PipelineResult:
     folder: RunFolder
     outcomes: list[StageOutcome]
 
-    def action(self, name: str) -> str:
-        return next(o.action for o in self.outcomes if o.name == name)
-
 
 class PipelineError(ClickTrainError):
     """A stage failed; the run stopped there and earlier stages' outputs are untouched."""
@@ -83,7 +80,7 @@ def run_pipeline(recipe: Recipe, *, until: str | None = None, progress: bool = T
                       highlight=False)
         state.start(stage.name, digest)
         started = time.perf_counter()
-        context = StageContext(recipe, folder, console, progress, resume=same_inputs)
+        context = StageContext(console, progress, resume=same_inputs)
         spinner = (console.status(f"  {stage.name}: {stage.describe}")
                    if progress and not stage.own_progress else nullcontext())
         try:

@@ -27,11 +27,9 @@ STAGES: Registry = Registry("stage")
 
 @dataclass
 class StageContext:
-    """What a running stage may use. ``resume``: its inputs are those of an earlier, unfinished
-    attempt, so it may continue from that attempt's files (training does)."""
+    """How a stage runs. ``resume``: its inputs are those of an earlier, unfinished attempt (or
+    there is no record of one), so it may continue from that attempt's files (training does)."""
 
-    recipe: Recipe
-    folder: RunFolder
     console: Console
     progress: bool
     resume: bool

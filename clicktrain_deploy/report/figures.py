@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PHASE_COLOURS = {"dense": "#f2f2f2", "regularize": "#fff4d6", "hard": "#e3f1e3"}
 SPARSE, DENSE, ORT, TORCH = "#2a7ab0", "#c0504d", "#8c8c8c", "#e0a030"
@@ -34,6 +35,7 @@ def training_curves(metrics: list[dict]) -> Figure:
     for ax in (loss, accuracy, sparsity):
         _shade_phases(ax, metrics)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
     loss.plot(epochs, [m["test_loss"] for m in metrics], "s-", label="test")
@@ -140,9 +142,10 @@ def whole_model_speedups(rows: list[dict]) -> Figure:
         ax.text(i - 0.18, r["sparse_vs_dense"], f"{r['sparse_vs_dense']:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.axhline(1, color="#999", lw=0.8)
     ax.set_xticks(list(x), [r["label"] for r in rows], fontsize=9)
+    ax.set_ylim(0, 1.1 * max(max(r["limit"], r["sparse_vs_dense"], r["sparse_vs_ort"] or 0) for r in rows))
     ax.set_ylabel("speed-up (x)")
     ax.set_title("whole model: speed-up of the pattern-sparse build")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
