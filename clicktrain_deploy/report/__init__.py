@@ -95,7 +95,7 @@ def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict
                      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                      "metrics": metrics, "final": metrics[-1], "sparsity": sparsity, "checks": checks,
                      "stages": {name: stage for name, stage in (state or {}).get("stages", {}).items()
-                                if name.partition(":")[2] in ("", "onnxruntime", *targets)},
+                                if name != "report" and name.partition(":")[2] in ("", "onnxruntime", *targets)},
                      "figures": {}}
     context["figures"]["training"] = figures.to_data_uri(figures.training_curves(metrics))
     if sparsity and sparsity["layers"]:

@@ -48,7 +48,7 @@ def training_curves(metrics: list[dict]) -> Figure:
     sparsity.plot(epochs, [100 * (1 - 1 / m["pruned_layer_compression"]) for m in metrics], "o-",
                   color="#555", label="pruned layers")
     sparsity.plot(epochs, [100 * (1 - 1 / m["paper_conv_compression"]) for m in metrics], "s-",
-                  color=SPARSE, label="3x3 convs (paper's count)")
+                  color=SPARSE, label="convs, as the paper counts")
     sparsity.set_ylim(-2, 100)
     sparsity.set_title("weights removed (%)")
     sparsity.legend(loc="lower right")
