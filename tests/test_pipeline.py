@@ -20,7 +20,6 @@ from onnx import numpy_helper
 
 from clicktrain_deploy.compile.targets import NEON_DENSE, NEON_SPARSE, TARGETS, TargetSpec
 from clicktrain_deploy.config import load_recipe
-from clicktrain_deploy.errors import RecipeError
 from clicktrain_deploy.pipeline import PipelineError, run_pipeline
 from clicktrain_deploy.runfolder import RunFolder
 from clicktrain_deploy.validate import check_library, missing_device, runner_kind
