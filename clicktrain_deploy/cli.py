@@ -1,4 +1,4 @@
-"""Command line: ``clicktrain-deploy train --config R`` and ``clicktrain-deploy report RUN``."""
+"""Command line: ``clicktrain-deploy run --config R`` (the whole pipeline) and one command per stage."""
 from __future__ import annotations
 
 import json
@@ -79,11 +79,50 @@ def train(
 
 
 @app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="recipe file (.toml or .yaml)")],
+    until: Annotated[str | None, typer.Option(help="stop after this stage or kind (train, export, "
+                                              "validate, compile, benchmark)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
+) -> None:
+    """Train, export, validate, compile per target, validate each, benchmark and report.
+
+    Stages whose inputs did not change since the last run are skipped; an interrupted stage
+    resumes. Stops at the first failing stage, leaving earlier outputs as they were.
+    """
+    from .pipeline import PipelineError, run_pipeline, summary_table
+
+    try:
+        recipe = load_recipe(config)
+        result = run_pipeline(recipe, until=until, progress=not quiet, console=Console(stderr=True))
+    except PipelineError as error:
+        console.print(summary_table(error.result))
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"outputs of the stages before {error.stage} are kept in {error.result.folder.root}")
+        raise typer.Exit(1)
+    except ClickTrainError as error:
+        _fail(error)
+    console.print(summary_table(result))
+    if result.folder.report.exists() and until is None:
+        console.print(f"report: {result.folder.report}")
+
+
+@app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="run folder or checkpoint file")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    html: Annotated[bool, typer.Option("--html", help="write the HTML report of a run folder")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file (default RUN/report.html)")] = None,
 ) -> None:
-    """Sparsity report of a trained run: per layer and whole model."""
+    """Sparsity report of a trained run: per layer and whole model; ``--html``: the full report."""
+    if html:
+        from .report import write_report
+
+        try:
+            console.print(f"wrote {write_report(run, output=output)}")
+        except ClickTrainError as error:
+            _fail(error)
+        return
     try:
         model, method = restore_model(load_checkpoint(run))
         result = method.report(model)

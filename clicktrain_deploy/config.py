@@ -1,4 +1,4 @@
-"""Recipes: one TOML or YAML file with model, data, schedule, pruning and output folder.
+"""Recipes: one TOML or YAML file with model, data, schedule, pruning, deploy and output folder.
 
 Unknown or invalid fields raise ``RecipeError`` naming the file and the dotted field path.
 """
@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .compile.targets import TARGETS
 from .data import DATASETS
 from .errors import RecipeError
 from .models import MODELS
@@ -35,6 +36,7 @@ class DataConfig(_Strict):
     name: str = "fashion_mnist"
     root: str | None = None
     train_subset: int | None = Field(None, ge=10)
+    # Class-balanced share of the test split evaluated after each epoch (None: all of it).
     test_subset: int | None = Field(None, ge=10)
     batch_size: int = Field(128, ge=1)
     test_batch_size: int = Field(1000, ge=1)
@@ -84,6 +86,38 @@ class ScheduleConfig(_Strict):
         return value
 
 
+class DeployConfig(_Strict):
+    """What ``clicktrain-deploy run`` does after training: targets, validation, benchmark."""
+
+    targets: list[str] = Field(default_factory=lambda: ["x86", "cortex-a72"], min_length=1)
+    # Real test images compared per runtime: onnxruntime vs torch and host builds vs onnxruntime;
+    # emulated_images for builds run under qemu (about a second each).
+    validate_images: int = Field(1000, ge=1)
+    emulated_images: int = Field(10, ge=1)
+    # A runtime passes when max |diff| <= atol + rtol * max |reference logit|.
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-4, ge=0)
+    bench_threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    bench_rounds: int = Field(5, ge=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGETS.names())}")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets listed twice: {targets}")
+        return targets
+
+    @field_validator("bench_threads")
+    @classmethod
+    def _positive_threads(cls, threads: list[int]) -> list[int]:
+        if any(t < 1 for t in threads):
+            raise ValueError(f"thread counts must be >= 1, got {threads}")
+        return threads
+
+
 class Recipe(_Strict):
     """A whole training job. ``output_dir`` is relative to the recipe file's folder."""
 
@@ -94,6 +128,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     pruning: PruningConfig = PruningConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _phases_fit(self) -> "Recipe":

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dataset-fashion-mnist qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+# chromium: the tests render the HTML report headless and check every figure shows.
+apt_packages=(dataset-fashion-mnist qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu chromium)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

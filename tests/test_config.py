@@ -16,6 +16,10 @@ from clicktrain_deploy.errors import RecipeError
     ({"schedule": {"epochs": 3}, "pruning": {"select_epoch": 3}}, "pruning.select_epoch (3) must be < schedule.epochs (3)"),
     ({"schedule": {"epochs": 5}, "pruning": {"select_epoch": 3, "hard_prune_epoch": 2}}, "pruning.hard_prune_epoch (2)"),
     ({"schedule": {"lr_schedule": "linear"}}, "schedule.lr_schedule"),
+    ({"deploy": {"targets": ["x86", "riscv"]}}, "deploy.targets: unknown target 'riscv'; known: arm64, cortex-a72"),
+    ({"deploy": {"targets": []}}, "deploy.targets: List should have at least 1 item"),
+    ({"deploy": {"bench_threads": [1, 0]}}, "deploy.bench_threads: thread counts must be >= 1"),
+    ({"deploy": {"atol": -1}}, "deploy.atol: Input should be greater than or equal to 0"),
 ])
 def test_bad_fields_are_named(raw, message):
     with pytest.raises(RecipeError) as info:

@@ -7,6 +7,7 @@ qemu-user. Every ratio sits beside the FLOP-reduction limit it could reach.
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 from ..compile.build import compile_model
@@ -21,21 +22,26 @@ __all__ = ["benchmark", "to_markdown"]
 
 
 def benchmark(onnx_path: str | Path, work_dir: str | Path, *, checkpoint: str | Path | None = None,
-              threads: tuple[int, ...] = (1, 2), rounds: int = 9, arm_cpu: str | None = "cortex-a72") -> dict:
+              threads: tuple[int, ...] = (1, 2), rounds: int = 9, arm_cpu: str | None = "cortex-a72",
+              sparse_library: str | Path | None = None) -> dict:
     """Compile ``onnx_path`` sparse and dense for the host (and ``arm_cpu``), measure, return a
-    JSON-ready dict: whole-model ms and per-layer us per thread count, ARM instructions, limits."""
+    JSON-ready dict: whole-model ms and per-layer us per thread count, ARM instructions, limits.
+    ``sparse_library``: an x86 build of ``onnx_path`` made by ``compile_model`` (manifest beside
+    it) to measure instead of compiling one."""
     work_dir = Path(work_dir)
     model = load_onnx(onnx_path)
     work = layer_work(model, verify(model))
-    sparse = compile_model(onnx_path, "x86", work_dir / "sparse_x86.so")
+    if sparse_library is None:
+        sparse_library = compile_model(onnx_path, "x86", work_dir / "sparse_x86.so").library
+    manifest = json.loads(Path(sparse_library).with_suffix(".json").read_text())
     dense = compile_model(onnx_path, "x86", work_dir / "dense_x86.so", sparse=False)
-    request = {"onnx": str(onnx_path), "sparse_lib": str(sparse.library), "dense_lib": str(dense.library),
+    request = {"onnx": str(onnx_path), "sparse_lib": str(sparse_library), "dense_lib": str(dense.library),
                "checkpoint": str(checkpoint) if checkpoint else None, "rounds": rounds}
     host = {str(t): measure_in_child(request, t) for t in threads}
-    kernels = {layer["layer"]: layer for layer in sparse.manifest["layers"] if layer["op"] == "conv"}
+    kernels = {layer["layer"]: layer for layer in manifest["layers"] if layer["op"] == "conv"}
     return {
         "date": datetime.date.today().isoformat(),
-        "machine": sparse.manifest["tvm_target"].get("mcpu", "host"),
+        "machine": manifest["tvm_target"].get("mcpu", "host"),
         "onnx": str(onnx_path),
         "flop_reduction_limit": flop_reduction_limit(work),
         "layers": [{"layer": w.layer, "shape": kernels[w.layer]["shape"], "kernel": kernels[w.layer]["kernel"],

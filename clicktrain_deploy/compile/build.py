@@ -82,7 +82,9 @@ def compile_model(onnx_path: str | Path, target_name: str, output: str | Path,
 
 
 def run_on_host(library: str | Path, inputs: np.ndarray) -> np.ndarray:
-    """Run a host-compiled library on one (1, C, H, W) input; returns the logits."""
+    """Run a host-compiled library on inputs (N, C, H, W), one image at a time (libraries are
+    built for batch 1); returns the logits (N, classes)."""
     module = tvm.runtime.load_module(str(library))
     vm = relax.VirtualMachine(module, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(inputs, np.float32))).numpy()
+    images = np.ascontiguousarray(inputs, np.float32)
+    return np.concatenate([vm["main"](tvm.runtime.tensor(image[None])).numpy() for image in images])

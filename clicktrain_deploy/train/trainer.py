@@ -122,11 +122,11 @@ def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
     ignored = {"output_dir", "keep_checkpoints", "schedule.threads"}
     if recipe.pruning.method == "dense" == saved["recipe"]["pruning"]["method"]:
         ignored |= {f"pruning.{key}" for key in recipe.pruning.model_fields}
-    current, before = recipe.model_dump(), saved["recipe"]
+    current, before = recipe.model_dump(exclude={"deploy"}), saved["recipe"]  # deploy: after training
     diffs = []
     for key, value in current.items():
         if isinstance(value, dict):
-            diffs += [f"{key}.{k}" for k, v in value.items() if v != before[key].get(k)]
+            diffs += [f"{key}.{k}" for k, v in value.items() if v != before.get(key, {}).get(k)]
         elif value != before.get(key):
             diffs.append(key)
     diffs = [d for d in diffs if d not in ignored]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ClickTrainError
+from ..targets import TargetSpec
 
 HERE = Path(__file__).resolve().parent
 TVM_WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1"]
@@ -61,6 +62,11 @@ def arm_available() -> bool:
     root = arm_root()
     return (root / "runner").exists() and (root / "libicount.so").exists() and \
         subprocess.run(["which", "qemu-aarch64"], capture_output=True).returncode == 0
+
+
+def qemu_cpu(spec: TargetSpec) -> str:
+    """The ``qemu-aarch64 -cpu`` that emulates an ARM target: its LLVM cpu, cortex-a72 if generic."""
+    return spec.tvm_target.get("mcpu", "cortex-a72")
 
 
 def run_under_qemu(library: str | Path, inputs: np.ndarray, *, cpu: str = "cortex-a72",
