@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from clicktrain_deploy.pruning import AdmmPruner, ClickTrainPruner, create_metho
 from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
 from clicktrain_deploy.train import restore_model
 from clicktrain_deploy.train.flops import forward_flops
-from clicktrain_deploy.train.trainer import optimizer_step
 
+from step_timing import median_step_ms  # noqa: E402  (same folder)
 from training_bar import _cpu_name  # noqa: E402  (same folder)
 
 METHODS = ("dense", "clicktrain", "prunetrain", "admm")
@@ -117,15 +116,7 @@ def step_timing(base: dict, args: argparse.Namespace) -> dict[str, float]:
             pruner.start()
             pruner.active = True  # as begin_epoch sets it in an ADMM epoch
         variants[f"{method} {phase}"] = (model, optimizer, pruner, phase)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (model, optimizer, pruner, phase) in variants.items():
-            model.train()
-            started = time.perf_counter()
-            for inputs, labels in batches:
-                optimizer_step(nn.functional.cross_entropy(model(inputs), labels), optimizer, pruner, phase)
-            times[name].append(1000 * (time.perf_counter() - started) / len(batches))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_step_ms(variants, batches, args.rounds)
 
 
 def equal_load_seconds(run: dict, step_ms: dict[str, float], steps_per_epoch: int) -> float:

@@ -24,7 +24,8 @@ from clicktrain_deploy.data import BatchIterator, load_data
 from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
 from clicktrain_deploy.models import create_model
 from clicktrain_deploy.pruning.clicktrain import ClickTrainPruner
-from clicktrain_deploy.train.trainer import optimizer_step
+
+from step_timing import median_step_ms  # noqa: E402  (same folder)
 
 
 def _cpu_name() -> str:
@@ -86,17 +87,9 @@ def step_timing(recipe_path: Path, blocks: list[int], rounds: int, steps: int) -
         hard.load_state_dict(pruner.state_dict())
         hard.harden(hard_opt)
         variants[f"B={block} hard"] = (hard_model, hard_opt, hard, "hard")
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, (model, optimizer, pruner, phase) in variants.items():
-            model.train()
-            started = time.perf_counter()
-            for inputs, labels in batches:
-                optimizer_step(nn.functional.cross_entropy(model(inputs), labels), optimizer, pruner, phase)
-            times[name].append(1000 * (time.perf_counter() - started) / len(batches))
-    dense = statistics.median(times["dense"])
-    return [{"variant": name, "ms_per_step": statistics.median(t), "ratio_to_dense":
-             statistics.median(t) / dense} for name, t in times.items()]
+    medians = median_step_ms(variants, batches, rounds)
+    return [{"variant": name, "ms_per_step": ms, "ratio_to_dense": ms / medians["dense"]}
+            for name, ms in medians.items()]
 
 
 def markdown(result: dict) -> str:
