@@ -1,7 +1,6 @@
 import gzip
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -1,7 +1,6 @@
 """ONNX file -> deployable library (.so) and JSON manifest for one target."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -399,7 +399,7 @@ def _choose(name: str, shape: list[int], built: list, measure: HostTimer | None)
                                                  if kernel == "dense" else "1x1 conv", measured_us=timed)
     work = {kernel: spec.entries * len(spec.groups[0]) for kernel, spec, _ in built}
     dense_work = work["dense"]
-    (sparse_kernel, sparse_spec, sparse_packed), dense = built[0], built[1]
+    (sparse_kernel, sparse_spec, _), dense = built[0], built[1]
     kept = sparse_spec.entries / max(dense[1].entries, 1)
     estimate = dense_work / max(work[sparse_kernel], 1)
     if measure is not None and MEASURE_BELOW > estimate >= DENSE_BELOW:
