@@ -2,8 +2,15 @@
 
 Every model takes ``num_classes`` and ``in_channels`` so that Fashion-MNIST (1x28x28),
 CIFAR-10 (3x32x32) and users' image folders use the same definitions.
+
+Each registered factory also carries its default input configuration (timm style), reported by
+``default_config(name)``: the input size the model was designed for and, for the ImageNet
+models, the normalisation their published weights expect (``None``: the dataset's own).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -11,12 +18,41 @@ from clicktrain_deploy.registry import Registry
 
 MODELS: Registry = Registry("model")
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A model's default input: ``input_size`` (C, H, W); ``mean``/``std`` per channel, or None
+    for the dataset's own statistics (what the trainer uses either way)."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def register_model(name: str, *, input_size: tuple[int, int, int],
+                   mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> Callable:
+    """``MODELS.register(name)`` that also records the factory's ``default_config``."""
+    def decorate(factory: Callable) -> Callable:
+        factory.default_config = ModelDefaults(input_size, mean, std)  # type: ignore[attr-defined]
+        return MODELS.register(name)(factory)
+
+    return decorate
+
+
+def default_config(name: str) -> ModelDefaults:
+    """The default input configuration of registered model ``name``."""
+    return MODELS.get(name).default_config
+
 
 def create_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """Build registered model ``name`` for ``num_classes`` classes and ``in_channels`` input planes."""
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
 
 
-from . import resnet, vgg  # noqa: E402,F401  (registers the models)
+from . import mobilenet, resnet, vgg  # noqa: E402,F401  (registers the models)
 
-__all__ = ["MODELS", "create_model"]
+__all__ = ["MODELS", "ModelDefaults", "create_model", "default_config", "register_model"]

@@ -1,12 +1,19 @@
-"""VGG-11/16 with BatchNorm, as in ClickTrain's CIFAR code (3-layer classifier with dropout).
+"""VGG-11/16 with BatchNorm, as in ClickTrain's CIFAR code (3-layer classifier with dropout), and
+the ImageNet VGG-16 with BatchNorm.
 
 Pools use ceil mode, so odd and small maps (28x28 input: 28-14-7-4-2-1) stay valid.
+
+``vgg11_bn`` and ``vgg16_bn`` are the CIFAR variants (global average pool, 512-512 MLP, ~15M
+parameters for VGG-16). ``vgg16_bn_imagenet`` is torchvision's ``vgg16_bn`` (conv biases, 7x7
+adaptive average pool, 4096-4096 classifier; 138,365,992 parameters at 1000 classes) with
+torchvision's module names; its pools use ceil mode too, the same as torchvision's at any input
+whose side is a multiple of 32 (224 included).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import MODELS
+from . import IMAGENET_MEAN, IMAGENET_STD, register_model
 from .channels import ChannelNode
 
 _CONFIGS = {
@@ -52,11 +59,66 @@ class VGG(nn.Module):
                 for (name, conv), norm, reader in zip(convs, norms, readers)]
 
 
-@MODELS.register("vgg11_bn")
+@register_model("vgg11_bn", input_size=(3, 32, 32))
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
     return VGG(_CONFIGS["vgg11_bn"], num_classes, in_channels)
 
 
-@MODELS.register("vgg16_bn")
+@register_model("vgg16_bn", input_size=(3, 32, 32))
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
     return VGG(_CONFIGS["vgg16_bn"], num_classes, in_channels)
+
+
+class ImageNetVGG(nn.Module):
+    """torchvision's VGG with BatchNorm: Conv3x3(bias)-BN-ReLU stacks with 2x2 max-pools,
+    adaptive average pool to 7x7, Linear(512*7*7, 4096)-ReLU-Dropout-Linear(4096, 4096)-ReLU-
+    Dropout-Linear(4096, classes).
+
+    Input (N, in_channels, H, W), H and W >= 1 (224 by default: 7x7 maps reach the pool, which
+    is then the identity); output logits (N, num_classes). ONNX export needs the final map's
+    side to be a multiple of 7 or 1 (inputs of 224 or 448; 32 or less), as the ONNX exporter
+    writes an adaptive pool only where it is a plain average pool.
+    """
+
+    def __init__(self, config: list, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(in_channels, item, 3, padding=1),
+                           nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+                in_channels = item
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+    def channel_nodes(self) -> list[ChannelNode]:
+        """One node per conv but the last: its output channels, read by the next conv. The last
+        conv's channels stay: the classifier reads each through 49 inputs (7x7 positions), which
+        a ChannelNode (one reader input per channel) cannot express."""
+        convs = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
+        norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
+        return [ChannelNode(f"features.{name}", [(conv, norm)], [reader])
+                for (name, conv), norm, (_, reader) in zip(convs, norms, convs[1:])]
+
+
+@register_model("vgg16_bn_imagenet", input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def vgg16_bn_imagenet(num_classes: int = 1000, in_channels: int = 3) -> ImageNetVGG:
+    """torchvision's vgg16_bn: 138,365,992 parameters at 1000 classes, 3 planes."""
+    return ImageNetVGG(_CONFIGS["vgg16_bn"], num_classes, in_channels)
