@@ -23,3 +23,7 @@ class CheckpointError(ClickTrainError):
 
 class DistributedError(ClickTrainError):
     """A torch.distributed launch is incomplete, or its ranks disagree on masks or weights."""
+
+
+class ExportError(ClickTrainError):
+    """An ONNX file is unreadable, or an exported model disagrees with PyTorch."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..compile.build import compile_model
-from ..export.onnx_export import load_onnx
+from ..contract import load_onnx
 from ..passes.onnx_passes import verify
 from .arm import arm_instructions
 from .flops import flop_reduction_limit, layer_work

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from ..export.metadata import PatternMetadata
+from ..contract import PatternMetadata
 
 
 @dataclass(frozen=True)

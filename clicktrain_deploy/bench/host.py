@@ -47,7 +47,7 @@ def measure(request: dict) -> dict:
     from ..compile.lower import HostTimer, lower_onnx
     from ..compile.targets import TARGETS
     from ..export.check import onnxruntime_session
-    from ..export.onnx_export import load_onnx
+    from ..contract import load_onnx
     from ..passes.onnx_passes import verify
 
     threads, rounds = request["threads"], request["rounds"]

@@ -1,7 +1,7 @@
 """Checkpoint -> ONNX: BN folded into the convs, pattern metadata, verified, gated in onnxruntime.
 
 The exported model keeps dense shapes, so any ONNX runtime runs it; its pruned convs carry exact
-zeros and the metadata (``clicktrain_deploy.export.metadata``) states the pattern structure.
+zeros and the metadata (schema in ``clicktrain_deploy.contract``) states the pattern structure.
 """
 from __future__ import annotations
 
@@ -12,26 +12,24 @@ from pathlib import Path
 
 import onnx
 import torch
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from ..config import parse_recipe
+from ..contract import MODEL_INFO_KEY, LayerEntry, MetadataError, PatternMetadata
+from ..contract import load_onnx, model_info  # noqa: F401  TRANSITIONAL re-export for compile/build.py
 from ..data import BatchIterator, load_data
-from ..errors import ClickTrainError
+from ..errors import ExportError
 from ..fileio import atomic_write
 from ..passes.onnx_passes import annotate, conv_weights, fold_batchnorm, verify
 from ..pruning.report import SparsityReport, build_report, layer_report
 from ..train import load_checkpoint, restore_model
 from .check import Agreement, compare_with_torch
-from .metadata import LayerEntry, MetadataError, PatternMetadata
 
-MODEL_INFO_KEY = "clicktrain.model_info"
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "ExportResult", "export_onnx",
+           "inspect_onnx", "reference_batches"]
+
 DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-class ExportError(ClickTrainError):
-    """An ONNX file is unreadable, or an exported model disagrees with PyTorch."""
 
 
 @dataclass
@@ -39,30 +37,6 @@ class ExportResult:
     path: Path
     metadata: PatternMetadata | None
     agreement: Agreement
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Read and check an ONNX file; a missing, truncated or non-ONNX file raises ``ExportError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: file not found")
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
-    if not model.graph.node:
-        raise ExportError(f"{path}: not a valid ONNX model (the graph has no nodes)")
-    return model
-
-
-def model_info(model: onnx.ModelProto) -> dict | None:
-    """Classes, input shape and normalisation stored at export, or None."""
-    for prop in model.metadata_props:
-        if prop.key == MODEL_INFO_KEY:
-            return json.loads(prop.value)
-    return None
 
 
 def reference_batches(saved: dict, images: int, batch_size: int = 256) -> BatchIterator:
@@ -110,8 +84,8 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
     proto = fold_batchnorm(_to_onnx(model, saved["data"]["input_shape"], opset))
     metadata = None
     if with_metadata and pruner.masks:
-        metadata = PatternMetadata(pruner.library, [
-            LayerEntry(f"{name}.weight", name, mask) for name, mask in pruner.masks.items()])
+        metadata = PatternMetadata(pruner.library.cpu().numpy(), [
+            LayerEntry(f"{name}.weight", name, mask.to_contract()) for name, mask in pruner.masks.items()])
         annotate(proto, metadata)
     info = {**saved["data"], "model": saved["recipe"]["model"]["name"], "epoch": saved["epoch"]}
     proto.metadata_props.add(key=MODEL_INFO_KEY, value=json.dumps(info))

@@ -1,27 +1,31 @@
-"""Per-layer pattern/connectivity masks: the contract between training and the compiler.
+"""Per-layer pattern/connectivity masks as training holds them (torch), and how they are chosen.
 
-A pruned 3x3 conv with weight (C_out, C_in, 3, 3) and block size B is described by
-``pattern_ids`` int64 (ceil(C_out / B), C_in): entry (b, c) is the library index of the pattern
-that the B kernels of output block b (channels b*B .. b*B+B-1) use on input channel c, or
-``REMOVED`` when all B kernels are gone. B = 1 is the original per-kernel method. The last block
-may be shorter when B does not divide C_out.
+The layout and its semantics are the compiler contract's, ``clicktrain_deploy.contract.LayerMask``
+(numpy): ``pattern_ids`` int64 (ceil(C_out / B), C_in), entry (b, c) the library index of the
+pattern that the B kernels of output block b use on input channel c, or ``REMOVED``. Training
+keeps ``pattern_ids`` as a torch tensor (checkpoints, cross-rank checks, device masks); this
+``LayerMask`` converts with ``to_contract()`` and answers every question through it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .patterns import TAPS
+from .. import contract
+from ..contract import REMOVED, TAPS
 
-REMOVED = -1
+
+def _numpy(array) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
 
 
 @dataclass
 class LayerMask:
-    """Pattern and connectivity of one pruned conv; see the module docstring for the layout."""
+    """Pattern and connectivity of one pruned conv, ``pattern_ids`` a torch int64 tensor."""
 
     out_channels: int
     block_size: int
@@ -31,26 +35,25 @@ class LayerMask:
     def in_channels(self) -> int:
         return self.pattern_ids.shape[1]
 
+    def to_contract(self) -> contract.LayerMask:
+        """The same mask as the numpy type export writes and compile reads."""
+        return contract.LayerMask(self.out_channels, self.block_size, _numpy(self.pattern_ids))
+
     def kernel_pattern_ids(self) -> Tensor:
         """Pattern id of every kernel: int64 (C_out, C_in), ``REMOVED`` for removed kernels."""
-        return self.pattern_ids.repeat_interleave(self.block_size, 0)[: self.out_channels]
+        return torch.from_numpy(np.asarray(self.to_contract().kernel_pattern_ids()))
 
     def dense(self, library: Tensor) -> Tensor:
         """The 0/1 weight mask, float32 (C_out, C_in, 3, 3)."""
-        ids = self.kernel_pattern_ids()
-        taps = library[ids.clamp_min(0)] & (ids != REMOVED)[..., None]
-        return taps.view(self.out_channels, self.in_channels, 3, 3).float()
+        return torch.from_numpy(self.to_contract().dense(_numpy(library)))
 
     def block_sizes(self) -> Tensor:
         """Number of output channels in each block: int64 (ceil(C_out / B),)."""
-        sizes = torch.full((self.pattern_ids.shape[0],), self.block_size, dtype=torch.int64)
-        sizes[-1] = self.out_channels - self.block_size * (len(sizes) - 1)
-        return sizes
+        return torch.from_numpy(self.to_contract().block_sizes())
 
     def kept_fraction(self) -> float:
         """Share of kernels kept (not removed)."""
-        kept = ((self.pattern_ids != REMOVED) * self.block_sizes()[:, None]).sum()
-        return float(kept) / (self.out_channels * self.in_channels)
+        return self.to_contract().kept_fraction()
 
 
 def block_sum(tensor: Tensor, block_size: int) -> Tensor:

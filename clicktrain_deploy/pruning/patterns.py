@@ -1,6 +1,7 @@
 """Pattern libraries: sets of 3x3 masks with 4 non-zeros that kept kernels must match.
 
-A library is a bool tensor (K, 9), taps numbered row-major (tap 4 is the centre). Fixed libraries
+A library is a bool tensor (K, 9), taps numbered row-major (tap 4 is the centre); the string form
+and the checks are ``clicktrain_deploy.contract``'s, shared with export and compile. Fixed libraries
 are the paper's 4/8/12 sets (ClickTrain's ``gen_pattern_dic``); ``generate_library`` builds one
 from the model's own importance at selection time, which the released code lacks.
 """
@@ -11,11 +12,13 @@ import itertools
 import torch
 from torch import Tensor
 
+from .. import contract
+from ..contract import CENTRE_TAP, PATTERN_NONZEROS, TAPS, format_pattern
 from ..registry import Registry
 
-TAPS = 9
-PATTERN_NONZEROS = 4
-CENTRE_TAP = 4
+__all__ = ["CENTRE_TAP", "PATTERN_LIBRARIES", "PATTERN_NONZEROS", "TAPS", "candidate_patterns",
+           "clicktrain4", "clicktrain8", "clicktrain12", "format_pattern", "generate_library",
+           "parse_pattern", "validate_library"]
 
 PATTERN_LIBRARIES: Registry = Registry("pattern library")
 
@@ -28,31 +31,14 @@ _CLICKTRAIN_PATTERNS = [
 
 
 def parse_pattern(text: str) -> Tensor:
-    """'...|.XX|.XX' (rows top to bottom, X = kept) -> bool (9,)."""
-    rows = text.split("|")
-    if len(rows) != 3 or any(len(r) != 3 or set(r) - {".", "X"} for r in rows):
-        raise ValueError(f"pattern {text!r} is not three rows of three '.' or 'X'")
-    return torch.tensor([c == "X" for c in "".join(rows)])
-
-
-def format_pattern(pattern: Tensor) -> str:
-    """bool (9,) -> '...|.XX|.XX'."""
-    cells = "".join("X" if bool(v) else "." for v in pattern.flatten())
-    return "|".join(cells[i:i + 3] for i in (0, 3, 6))
+    """'...|.XX|.XX' (rows top to bottom, X = kept) -> bool (9,); ``contract.parse_pattern`` as torch."""
+    return torch.from_numpy(contract.parse_pattern(text))
 
 
 def validate_library(library: Tensor) -> Tensor:
-    """Check a library is bool (K, 9), unique rows, each with exactly 4 taps; return it."""
-    if library.dtype != torch.bool or library.dim() != 2 or library.shape[1] != TAPS:
-        raise ValueError(f"a pattern library must be bool (K, 9), got {tuple(library.shape)} "
-                         f"{library.dtype}")
-    counts = library.sum(1)
-    if (counts != PATTERN_NONZEROS).any():
-        bad = int((counts != PATTERN_NONZEROS).nonzero()[0])
-        raise ValueError(f"pattern {bad} ({format_pattern(library[bad])}) keeps "
-                         f"{int(counts[bad])} taps, not {PATTERN_NONZEROS}")
-    if len(torch.unique(library, dim=0)) != len(library):
-        raise ValueError("a pattern library has a repeated pattern")
+    """Check a library is bool (K, 9), unique rows, each with exactly 4 taps
+    (``contract.validate_library``); return the tensor itself."""
+    contract.validate_library(library.detach().cpu() if isinstance(library, Tensor) else library)
     return library
 
 

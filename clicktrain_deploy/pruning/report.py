@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from .masks import REMOVED, LayerMask
-from .patterns import format_pattern
+from .. import contract
+from ..contract import REMOVED, format_pattern
+from .masks import LayerMask
 
 
 @dataclass
@@ -54,18 +56,19 @@ def _ratio(total: int, nonzeros: int) -> float:
     return total / nonzeros if nonzeros else (1.0 if total == 0 else float("inf"))
 
 
-def layer_report(name: str, weight: torch.Tensor, mask: LayerMask, library: torch.Tensor) -> LayerReport:
-    """Figures of one pruned conv: weight (C_out, C_in, 3, 3) as stored, mask as stated."""
-    ids = mask.kernel_pattern_ids()
-    counts = torch.bincount(ids[ids != REMOVED], minlength=len(library))
+def layer_report(name: str, weight: torch.Tensor, mask: contract.LayerMask, library) -> LayerReport:
+    """Figures of one pruned conv: weight (C_out, C_in, 3, 3) as stored, mask as stated
+    (the contract's numpy mask; library bool (K, 9), numpy or torch)."""
+    ids = np.asarray(mask.kernel_pattern_ids())
+    counts = np.bincount(ids[ids != REMOVED], minlength=len(library))
     histogram = {format_pattern(library[i]): int(c) for i, c in enumerate(counts)}
     return LayerReport(name, list(weight.shape), mask.block_size, weight.numel(),
-                       int(weight.ne(0).sum()), ids.numel(),
+                       int(weight.ne(0).sum()), ids.size,
                        int(weight.flatten(2).ne(0).any(-1).sum()), histogram)
 
 
 def build_report(layers: list[LayerReport], convs: list[torch.Tensor], parameters: list[torch.Tensor],
-                 library: torch.Tensor | None) -> SparsityReport:
+                 library) -> SparsityReport:
     """Whole-model figures from pruned-layer reports, every conv weight and every parameter."""
     def count(tensors):
         return sum(t.numel() for t in tensors), sum(int(t.ne(0).sum()) for t in tensors)
@@ -84,7 +87,7 @@ def sparsity_report(model: nn.Module, masks: dict[str, LayerMask],
                     library: torch.Tensor | None) -> SparsityReport:
     """Measure ``model``; ``masks`` (may be empty before selection) name the pruned layers."""
     modules = dict(model.named_modules())
-    layers = [layer_report(name, modules[name].weight.detach(), mask, library)
+    layers = [layer_report(name, modules[name].weight.detach(), mask.to_contract(), library)
               for name, mask in masks.items()]
     convs = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d)]
     return build_report(layers, convs, [p.detach() for p in model.parameters()], library)
