@@ -167,8 +167,9 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """onnxruntime against PyTorch on real test images; exit 1 beyond tolerance."""
+    from .contract import load_onnx
     from .export.check import compare_with_torch
-    from .export.onnx_export import load_onnx, reference_batches
+    from .export.onnx_export import reference_batches
     from .passes.onnx_passes import verify
 
     try:
@@ -200,7 +201,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Per-layer density, kernels kept, pattern use and compression of an ONNX model."""
-    from .export.onnx_export import inspect_onnx, load_onnx
+    from .contract import load_onnx
+    from .export.onnx_export import inspect_onnx
 
     try:
         result, metadata = inspect_onnx(load_onnx(model))

@@ -202,7 +202,7 @@ def benchmark_stage(recipe: Recipe, folder: RunFolder, target: str) -> Stage:
         elif kind == "qemu":
             from ..bench.arm import arm_instructions
             from ..bench.flops import flop_reduction_limit, layer_work
-            from ..export.onnx_export import load_onnx
+            from ..contract import load_onnx
             from ..passes.onnx_passes import verify
 
             model = load_onnx(folder.onnx)
