@@ -1,22 +1,32 @@
-"""Generated 3x3 conv kernels on NCHW[L]c activations: pattern-sparse, connectivity-only and dense.
+"""Generated conv kernels on NCHW[L]c activations: pattern-sparse, connectivity-only, dense, depthwise.
 
-One generator serves every variant: the taps of a kernel are grouped ("tap groups": the library's
-patterns, or one 9-tap group for dense and connectivity-only layers), and the compact weights list,
-per block of L output channels and per tap group, the input channels that use it. L is the
-target's fp32 SIMD width (16 AVX-512, 8 AVX2, 4 NEON); training's block size B must be a multiple
-of L for the pattern variant, else the connectivity-only variant runs all 9 taps of kept kernels.
-L may span several SIMD vectors (16 channels = 4 NEON vectors), so one broadcast feeds several FMAs.
+One generator serves every variant of a conv with a constant weight: the taps of a kernel are
+grouped ("tap groups": the library's patterns, or one group of all KH x KW taps for dense and
+connectivity-only layers), and the compact weights list, per block of L output channels and per
+tap group, the input channels that use it. L is the target's fp32 SIMD width (16 AVX-512, 8 AVX2,
+4 NEON); training's block size B must be a multiple of L for the pattern variant, else the
+connectivity-only variant runs all taps of kept kernels. L may span several SIMD vectors (16
+channels = 4 NEON vectors), so one broadcast feeds several FMAs. Any kernel size, separate
+strides, asymmetric padding and dilation; a grouped conv is given to ``compact_weights`` as its
+block-diagonal dense weight with the all-zero kernel blocks unassigned (-1), so it is not special
+here. Depthwise convs (channel multiplier 1) have their own kernel (``depthwise_tvmscript``).
 
-Tensors (batch 1):
-  X     (ceil(IC/Li), H, W, Li)  input, NCHW[Li]c (Li = L, or IC for a stem with IC < L)
-  ptr   (OCB * G + 1,) int32     entry range of (output block ob, tap group g)
-  coff  (NK,) int32              offset of the entry's input channel in the padded input scratch
-  wv    (NK * T * L,) float32    per entry: T taps x L output lanes (lanes innermost), T = group size
-  bias  (OCB, L) float32         folded BN bias (zeros in padded lanes)
-  R     (OCB, OH, OW, L)         optional residual added before the ReLU
-  Y     (OCB, OH, OW, L)         output, NCHW[L]c; Y = relu?(conv(X) + bias + R?)
-with OCB = ceil(OC / L). Rows and columns are computed in RY x XW register tiles with a guarded
-store, so odd sizes need no padding of the output.
+Tensors of ``conv_tvmscript``:
+  X     (N, ceil(IC/Li), H, W, Li) input, NCHW[Li]c (Li = L, or IC for a stem with IC < L)
+  ptr   (OCB * G + 1,) int32         entry range of (output block ob, tap group g)
+  coff  (NK,) int32                  offset of the entry's input channel in the (padded) input of image 0
+  wv    (NK * T * L,) float32        per entry: T taps x L output lanes (lanes innermost), T = group size
+  bias  (OCB, L) float32             folded BN bias (zeros in padded lanes)
+  R     (N, OCB, OH, OW, L)          optional residual (an epilogue step)
+  Y     (N, OCB, OH, OW, L)          output, NCHW[L]c; Y = epilogue(conv(X) + bias)
+with OCB = ceil(OC / L). Rows and columns are computed in RY x XW register tiles; the last tile of
+a row or column is shifted back to end at the map's edge (it recomputes a few outputs with the
+same values), so odd sizes need neither padding of the output nor guards in the inner loops.
+A padded conv first copies its input into a zero-padded scratch; an unpadded one reads X directly.
+
+Epilogue: a tuple of steps applied in order to v = acc + bias[lane] (``epilogue_expression``):
+  ("residual",) v + R   ("relu",)   ("clip", lo, hi)   ("hardsigmoid", alpha, beta)
+  ("hardswish", alpha, beta)   ("sigmoid",)   ("silu",)
 """
 from __future__ import annotations
 
@@ -26,29 +36,82 @@ from dataclasses import dataclass
 import numpy as np
 
 Tap = tuple[int, int]
-ALL_TAPS: tuple[Tap, ...] = tuple((dy, dx) for dy in range(3) for dx in range(3))
+ATTRS = ("T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, "
+         "'tirx.is_scheduled': True}})")
+EPILOGUE_STEPS = {"residual": 0, "relu": 0, "clip": 2, "hardsigmoid": 2, "hardswish": 2, "sigmoid": 0, "silu": 0}
+
+
+def all_taps(kh: int, kw: int) -> tuple[Tap, ...]:
+    """Every tap (dy, dx) of a KH x KW kernel, row-major: the tap group of a dense conv."""
+    return tuple((dy, dx) for dy in range(kh) for dx in range(kw))
+
+
+def conv_out_hw(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int, int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """ONNX / torch conv arithmetic: (H + pt + pb - dh * (kh - 1) - 1) // sh + 1, likewise for W."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = kernel, stride, padding, dilation
+    return (height + pt + pb - dh * (kh - 1) - 1) // sh + 1, (width + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def _check_geometry(spec) -> None:
+    oh, ow = spec.out_hw
+    if oh < 1 or ow < 1:
+        raise ValueError(f"conv output {oh}x{ow} is empty")
+    if min(spec.padding) < 0 or min(spec.stride) < 1 or min(spec.dilation) < 1 or min(spec.kernel) < 1:
+        raise ValueError("kernel, stride and dilation must be positive, padding non-negative")
+    residuals = [s for s in spec.epilogue if s[0] == "residual"]
+    if len(residuals) > 1:
+        raise ValueError("an epilogue holds at most one residual step")
+
+
+class _Geometry:
+    """What ConvSpec and DepthwiseSpec share: output size, padded scratch, epilogue."""
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return conv_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation)
+
+    @property
+    def residual(self) -> bool:
+        return any(step[0] == "residual" for step in self.epilogue)
+
+    @property
+    def padded(self) -> bool:
+        """True when the input is copied into a zero-padded scratch first (any padding)."""
+        return any(self.padding)
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        """Size of the (zero-padded) input the kernel reads: H + pt + pb, W + pl + pr. Every tap of
+        every (shifted) tile lies inside it; unpadded, it is X itself."""
+        pt, pl, pb, pr = self.padding
+        return self.height + pt + pb, self.width + pl + pr
+
+    def effective_tile(self) -> tuple[int, int]:
+        """The register tile (XW, RY) cut to the output map."""
+        oh, ow = self.out_hw
+        return min(self.tile[0], ow), min(self.tile[1], oh)
 
 
 @dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(_Geometry):
     """Shape and variant of one generated conv (everything the TVMScript text depends on)."""
 
     in_channels: int
     out_channels: int
     height: int
     width: int
-    stride: int
     in_lanes: int
     lanes: int
-    groups: tuple[tuple[Tap, ...], ...]
+    groups: tuple[tuple[Tap, ...], ...]  # tap groups, taps (dy, dx) in kernel coordinates
     entries: int
-    relu: bool
-    residual: bool
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (1, 1, 1, 1)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    batch: int = 1
+    epilogue: tuple = ()
     tile: tuple[int, int] = (4, 4)  # (XW columns, RY rows)
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return (self.height - 1) // self.stride + 1, (self.width - 1) // self.stride + 1
 
     @property
     def in_blocks(self) -> int:
@@ -59,45 +122,112 @@ class ConvSpec:
         return math.ceil(self.out_channels / self.lanes)
 
     @property
-    def padded_hw(self) -> tuple[int, int]:
-        """Size of the zero-padded input scratch: the 1-pixel halo plus what the last tile reads."""
-        (oh, ow), (xw, ry), s = self.out_hw, self.tile, self.stride
-        return (max(self.height + 2, math.ceil(oh / ry) * ry * s + 2),
-                max(self.width + 2, math.ceil(ow / xw) * xw * s + 2))
+    def full_dense(self) -> bool:
+        """One tap group and every (output block, input channel) entry present: entries are in
+        channel order, so the kernel can index them without ptr and coff."""
+        return len(self.groups) == 1 and self.entries == self.out_blocks * self.in_channels
+
+
+@dataclass(frozen=True)
+class DepthwiseSpec(_Geometry):
+    """A depthwise conv (channel multiplier 1) on NCHW[L]c: each lane is its own channel."""
+
+    channels: int
+    height: int
+    width: int
+    lanes: int
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (1, 1, 1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    batch: int = 1
+    epilogue: tuple = ()
+    tile: tuple[int, int] = (4, 4)  # (XW columns, RY rows)
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.channels / self.lanes)
+
+
+def _f32(value: float) -> str:
+    """A float32 constant, exactly (the repr of its float32 value)."""
+    value = float(np.float32(value))
+    if not math.isfinite(value):
+        raise ValueError(f"epilogue constant {value} is not finite")
+    return f"T.float32({value!r})"
+
+
+def epilogue_expression(steps, value: str, residual: str) -> str:
+    """TIR expression text of the epilogue ``steps`` applied in order to ``value`` (the text of
+    v = acc + bias), ``residual`` the text of R at the same index. Every kernel uses this."""
+    v = value if not steps else f"({value})"
+    residuals = 0
+    zero, one = "T.float32(0)", "T.float32(1)"
+    for step in steps:
+        op, args = step[0], tuple(step[1:])
+        if op not in EPILOGUE_STEPS or len(args) != EPILOGUE_STEPS[op]:
+            raise ValueError(f"unknown epilogue step {step!r}")
+        if op == "residual":
+            residuals += 1
+            if residuals > 1:
+                raise ValueError("an epilogue holds at most one residual step")
+            v = f"({v} + {residual})"
+        elif op == "relu":
+            v = f"T.max({v}, {zero})"
+        elif op == "clip":
+            lo, hi = (float(np.float32(a)) for a in args)
+            if lo != -math.inf:
+                v = f"T.max({v}, {_f32(lo)})"
+            if hi != math.inf:
+                v = f"T.min({v}, {_f32(hi)})"
+        elif op in ("hardsigmoid", "hardswish"):
+            gate = f"T.min(T.max({_f32(args[0])} * {v} + {_f32(args[1])}, {zero}), {one})"
+            v = gate if op == "hardsigmoid" else f"({v} * {gate})"
+        else:  # sigmoid, silu
+            gate = f"({one} / ({one} + T.exp({zero} - {v})))"
+            v = gate if op == "sigmoid" else f"({v} * {gate})"
+    return v
 
 
 def choose_tile(out_height: int, out_width: int, tiles: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     """Of ``tiles`` (XW, RY), the one that computes the fewest padded pixels of an OH x OW map;
     the earlier one on a tie."""
     def padded(tile: tuple[int, int]) -> int:
-        xw, ry = tile
+        xw, ry = min(tile[0], out_width), min(tile[1], out_height)
         return math.ceil(out_height / ry) * ry * math.ceil(out_width / xw) * xw
     return min(tiles, key=padded)
 
 
 def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
-    """Pack a conv weight (OC, IC, 3, 3) into (ptr, coff, wv) for ``spec``.
+    """Pack a conv weight (OC, IC, KH, KW) into (ptr, coff, wv) for ``spec``.
 
     assign: int (OCB, IC), the tap group that output block ob uses on input channel ic, -1 where
-    the block's kernels are all removed. Weights outside a group's taps must be zero (checked).
+    the block's kernels are all removed (or all zero, as outside a grouped conv's diagonal blocks).
+    Weights outside a group's taps must be zero (checked).
     """
     lanes, groups = spec.lanes, spec.groups
+    oc, ic, kh, kw = weight.shape
+    if (kh, kw) != tuple(spec.kernel) or ic != spec.in_channels or oc != spec.out_channels:
+        raise ValueError(f"weight {weight.shape} does not match the spec's {spec.out_channels}x"
+                         f"{spec.in_channels}x{spec.kernel}")
+    if any(not (0 <= dy < kh and 0 <= dx < kw) for g in groups for dy, dx in g):
+        raise ValueError(f"a tap group holds a tap outside the {kh}x{kw} kernel")
     ph, pw = spec.padded_hw
-    padded = np.zeros((spec.out_blocks * lanes, *weight.shape[1:]), np.float32)
-    padded[: weight.shape[0]] = weight
-    blocks = padded.reshape(spec.out_blocks, lanes, spec.in_channels, 3, 3)
+    padded = np.zeros((spec.out_blocks * lanes, ic, kh, kw), np.float32)
+    padded[:oc] = weight
+    blocks = padded.reshape(spec.out_blocks, lanes, ic, kh, kw)
     ptr, coff, values = [0], [], []
     for ob in range(spec.out_blocks):
         for g, taps in enumerate(groups):
-            for ic in np.flatnonzero(assign[ob] == g):
-                kernel = blocks[ob, :, ic]  # (L, 3, 3)
+            for c in np.flatnonzero(assign[ob] == g):
+                kernel = blocks[ob, :, c]  # (L, KH, KW)
                 outside = kernel.copy()
                 for dy, dx in taps:
                     outside[:, dy, dx] = 0
                 if outside.any():
-                    raise ValueError(f"output block {ob}, input channel {ic}: non-zero weight outside "
+                    raise ValueError(f"output block {ob}, input channel {c}: non-zero weight outside "
                                      f"tap group {g}")
-                coff.append((ic // spec.in_lanes) * ph * pw * spec.in_lanes + ic % spec.in_lanes)
+                coff.append((c // spec.in_lanes) * ph * pw * spec.in_lanes + c % spec.in_lanes)
                 values.append(np.stack([kernel[:, dy, dx] for dy, dx in taps]))  # (T, L)
             ptr.append(len(coff))
     unused = ~np.isin(assign, np.arange(len(groups))) & (assign != -1)
@@ -108,47 +238,65 @@ def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> t
     return (np.asarray(ptr, np.int32), np.asarray(coff or [0], np.int32), wv.astype(np.float32))
 
 
+def _scratch_copy(blocks: int, height: int, width: int, lanes: int, padding, ph: int, pw: int) -> list[str]:
+    """Statements copying X (N*blocks images of H x W x lanes) into the zero-padded flat Xp."""
+    pt, pl, pb, pr = padding
+    plane = ph * pw * lanes
+    return [
+        f"    Xp = T.alloc_buffer(({blocks * plane},), 'float32')",
+        f"    for c in T.parallel({blocks}):",
+        f"        for y in range({ph}):",  # zero the halo only: top/bottom rows, left/right columns
+        f"            if y < {pt} or y >= {pt + height}:",
+        f"                for x in range({pw}):",
+        f"                    for l in T.vectorized({lanes}):",
+        f"                        Xp[c * {plane} + (y * {pw} + x) * {lanes} + l] = T.float32(0)",
+        "            else:",
+        f"                for x in range({pw}):",
+        f"                    if x < {pl} or x >= {pl + width}:",
+        f"                        for l in T.vectorized({lanes}):",
+        f"                            Xp[c * {plane} + (y * {pw} + x) * {lanes} + l] = T.float32(0)",
+        f"        for y, x in T.grid({height}, {width}):",
+        f"            for l in T.vectorized({lanes}):",
+        f"                Xp[c * {plane} + ((y + {pt}) * {pw} + x + {pl}) * {lanes} + l] = "
+        f"Xf[c * {height * width * lanes} + (y * {width} + x) * {lanes} + l]",
+    ]
+
+
 def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     """TVMScript text of the conv PrimFunc described in the module docstring."""
-    s, lanes, li = spec.stride, spec.lanes, spec.in_lanes
+    _check_geometry(spec)
+    (sh, sw), (dh, dw), lanes, li, n_ = spec.stride, spec.dilation, spec.lanes, spec.in_lanes, spec.batch
     oh, ow = spec.out_hw
     ph, pw = spec.padded_hw
-    xw, ry = spec.tile
+    xw, ry = spec.effective_tile()
     row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
     taps = len(spec.groups[0])
     if any(len(g) != taps for g in spec.groups):
         raise ValueError("every tap group of one conv must have the same number of taps")
-    ngroups, entries = len(spec.groups), max(spec.entries, 1)
-    params = [f"X: T.Buffer(({spec.in_blocks}, {spec.height}, {spec.width}, {li}), 'float32')",
-              f"ptr: T.Buffer(({spec.out_blocks * ngroups + 1},), 'int32')",
+    ngroups, entries, ocb, icb = len(spec.groups), max(spec.entries, 1), spec.out_blocks, spec.in_blocks
+    out = f"{n_}, {ocb}, {oh}, {ow}, {lanes}"
+    params = [f"X: T.Buffer(({n_}, {icb}, {spec.height}, {spec.width}, {li}), 'float32')",
+              f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
               f"coff: T.Buffer(({entries},), 'int32')",
               f"wv: T.Buffer(({entries * taps * lanes},), 'float32')",
-              f"bias: T.Buffer(({spec.out_blocks}, {lanes}), 'float32')"]
+              f"bias: T.Buffer(({ocb}, {lanes}), 'float32')"]
     if spec.residual:
-        params.append(f"R: T.Buffer(({spec.out_blocks}, {oh}, {ow}, {lanes}), 'float32')")
-    params.append(f"Y: T.Buffer(({spec.out_blocks}, {oh}, {ow}, {lanes}), 'float32')")
-    lines = [
-        "@T.prim_func",
-        f"def {name}({', '.join(params)}):",
-        f"    T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, "
-        "'tirx.is_scheduled': True})",
-        f"    Xp = T.alloc_buffer(({spec.in_blocks * ph * pw * li},), 'float32')",
-        f"    for c in T.parallel({spec.in_blocks}):",
-        f"        for y in range({ph}):",  # zero the halo only: top/bottom rows, left/right columns
-        f"            if y == 0 or y > {spec.height}:",
-        f"                for x in range({pw}):",
-        f"                    for l in T.vectorized({li}):",
-        f"                        Xp[((c * {ph} + y) * {pw} + x) * {li} + l] = T.float32(0)",
-        "            else:",
-        f"                for x in range({pw}):",
-        f"                    if x == 0 or x > {spec.width}:",
-        f"                        for l in T.vectorized({li}):",
-        f"                            Xp[((c * {ph} + y) * {pw} + x) * {li} + l] = T.float32(0)",
-        f"        for y, x in T.grid({spec.height}, {spec.width}):",
-        f"            for l in T.vectorized({li}):",
-        f"                Xp[((c * {ph} + y + 1) * {pw} + x + 1) * {li} + l] = X[c, y, x, l]",
-        f"    for job in T.parallel({spec.out_blocks * row_tiles}):",
+        params.append(f"R: T.Buffer(({out}), 'float32')")
+    params.append(f"Y: T.Buffer(({out}), 'float32')")
+    lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
+             f"    Xf = T.decl_buffer(({n_ * icb * spec.height * spec.width * li},), 'float32', data=X.data)"]
+    source = "Xf"
+    if spec.padded:
+        lines += _scratch_copy(n_ * icb, spec.height, spec.width, li, spec.padding, ph, pw)
+        source = "Xp"
+    jobs = n_ * ocb * row_tiles
+    lines += [
+        f"    for job in T.parallel({jobs}):",
+        f"        ob: T.let = job // {row_tiles} % {ocb}",
+        f"        y0: T.let = T.min(job % {row_tiles} * {ry}, {oh - ry})",
         f"        for xt in range({col_tiles}):",
+        f"            x0: T.let = T.min(xt * {xw}, {ow - xw})",
+        f"            pix: T.let = job // {row_tiles * ocb} * {icb * ph * pw * li} + (y0 * {sh * pw} + x0 * {sw}) * {li}",
     ]
     # One accumulator buffer per tile row: TVM keeps buffers under 1 KiB on the stack (LLVM then
     # holds them in registers); larger ones become a workspace call per tile.
@@ -160,30 +308,90 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     for g, group in enumerate(spec.groups):
         # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
         lines += [
-            f"            for k in range(ptr[job // {row_tiles} * {ngroups} + {g}], "
-            f"ptr[job // {row_tiles} * {ngroups} + {g + 1}]):",
-            f"                base{g}: T.let = coff[k] + ((job % {row_tiles}) * {ry * s * pw} + xt * {xw * s}) * {li}",
+            f"            for k in range(ptr[ob * {ngroups} + {g}], ptr[ob * {ngroups} + {g + 1}]):",
+            f"                base{g}: T.let = coff[k] + pix",
         ]
         for t, (dy, dx) in enumerate(group):
             for r in range(ry):
                 lines += [
                     f"                for xi in T.unroll({xw}):",
                     f"                    for l in T.vectorized({lanes}):",
-                    f"                        acc{r}[xi, l] = acc{r}[xi, l] + Xp[base{g} + {(r * s + dy) * pw + dx} * {li} "
-                    f"+ xi * {s * li}] * wv[(k * {taps} + {t}) * {lanes} + l]",
+                    f"                        acc{r}[xi, l] = acc{r}[xi, l] + {source}[base{g} + "
+                    f"{((r * sh + dy * dh) * pw + dx * dw) * li} + xi * {sw * li}] * wv[(k * {taps} + {t}) * {lanes} + l]",
                 ]
     for r in range(ry):
-        row = f"(job % {row_tiles}) * {ry} + {r}"
-        value = f"acc{r}[xi, l] + bias[job // {row_tiles}, l]"
-        if spec.residual:
-            value += f" + R[job // {row_tiles}, {row}, xt * {xw} + xi, l]"
-        if spec.relu:
-            value = f"T.max({value}, T.float32(0))"
+        index = f"job // {row_tiles * ocb}, ob, y0 + {r}, x0 + xi, l"
+        value = epilogue_expression(spec.epilogue, f"acc{r}[xi, l] + bias[ob, l]", f"R[{index}]")
         lines += [
             f"            for xi in T.unroll({xw}):",
-            f"                if {row} < {oh} and xt * {xw} + xi < {ow}:",
-            f"                    for l in T.vectorized({lanes}):",
-            f"                        Y[job // {row_tiles}, {row}, xt * {xw} + xi, l] = {value}",
+            f"                for l in T.vectorized({lanes}):",
+            f"                    Y[{index}] = {value}",
+        ]
+    return "\n".join(lines)
+
+
+def depthwise_weights(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """Depthwise weight (C, 1, KH, KW) -> (CB, KH * KW, L), channels zero-padded to CB * L."""
+    channels, multiplier, kh, kw = weight.shape
+    if multiplier != 1:
+        raise ValueError(f"depthwise weight {weight.shape}: channel multiplier 1 only")
+    blocks = math.ceil(channels / lanes)
+    padded = np.zeros((blocks * lanes, kh * kw), np.float32)
+    padded[:channels] = weight.reshape(channels, kh * kw)
+    return np.ascontiguousarray(padded.reshape(blocks, lanes, kh * kw).transpose(0, 2, 1))
+
+
+def depthwise_tvmscript(spec: DepthwiseSpec, name: str) -> str:
+    """TVMScript of a depthwise conv: X (N, CB, H, W, L), w (CB, KH*KW, L), bias (CB, L), [R],
+    Y (N, CB, OH, OW, L). Vector multiply-adds over the lanes, RY x XW register tiles."""
+    _check_geometry(spec)
+    (kh, kw), (sh, sw), (dh, dw), lanes, n_, cb = spec.kernel, spec.stride, spec.dilation, spec.lanes, \
+        spec.batch, spec.blocks
+    oh, ow = spec.out_hw
+    ph, pw = spec.padded_hw
+    xw, ry = spec.effective_tile()
+    row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
+    out = f"{n_}, {cb}, {oh}, {ow}, {lanes}"
+    params = [f"X: T.Buffer(({n_}, {cb}, {spec.height}, {spec.width}, {lanes}), 'float32')",
+              f"w: T.Buffer(({cb}, {kh * kw}, {lanes}), 'float32')",
+              f"bias: T.Buffer(({cb}, {lanes}), 'float32')"]
+    if spec.residual:
+        params.append(f"R: T.Buffer(({out}), 'float32')")
+    params.append(f"Y: T.Buffer(({out}), 'float32')")
+    lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
+             f"    Xf = T.decl_buffer(({n_ * cb * spec.height * spec.width * lanes},), 'float32', data=X.data)"]
+    source = "Xf"
+    if spec.padded:
+        lines += _scratch_copy(n_ * cb, spec.height, spec.width, lanes, spec.padding, ph, pw)
+        source = "Xp"
+    lines += [
+        f"    for job in T.parallel({n_ * cb * row_tiles}):",
+        f"        c: T.let = job // {row_tiles} % {cb}",
+        f"        y0: T.let = T.min(job % {row_tiles} * {ry}, {oh - ry})",
+        f"        for xt in range({col_tiles}):",
+        f"            x0: T.let = T.min(xt * {xw}, {ow - xw})",
+        f"            base: T.let = (job // {row_tiles} * {ph * pw} + y0 * {sh * pw} + x0 * {sw}) * {lanes}",
+    ]
+    for r in range(ry):
+        lines += [f"            acc{r} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
+                  f"            for xi in T.unroll({xw}):",
+                  f"                for l in T.vectorized({lanes}):",
+                  f"                    acc{r}[xi, l] = bias[c, l]"]
+    for t, (dy, dx) in enumerate(all_taps(kh, kw)):
+        for r in range(ry):
+            lines += [
+                f"            for xi in T.unroll({xw}):",
+                f"                for l in T.vectorized({lanes}):",
+                f"                    acc{r}[xi, l] = acc{r}[xi, l] + {source}[base + "
+                f"{((r * sh + dy * dh) * pw + dx * dw) * lanes} + xi * {sw * lanes} + l] * w[c, {t}, l]",
+            ]
+    for r in range(ry):
+        index = f"job // {row_tiles * cb}, c, y0 + {r}, x0 + xi, l"
+        value = epilogue_expression(spec.epilogue, f"acc{r}[xi, l]", f"R[{index}]")
+        lines += [
+            f"            for xi in T.unroll({xw}):",
+            f"                for l in T.vectorized({lanes}):",
+            f"                    Y[{index}] = {value}",
         ]
     return "\n".join(lines)
 
@@ -206,23 +414,36 @@ def pattern_assignment(pattern_ids: np.ndarray, block_size: int, out_channels: i
 
 
 def connectivity_assignment(kept: np.ndarray, lanes: int) -> np.ndarray:
-    """Single 9-tap group wherever any kernel of the L-lane block is kept: bool (OC, IC) -> (OCB, IC)."""
+    """Single all-taps group wherever any kernel of the L-lane block is kept: bool (OC, IC) -> (OCB, IC).
+
+    For a grouped conv's block-diagonal weight, ``kept`` = the non-zero kernels: blocks that see
+    only zeros of an input channel skip it."""
     blocks = math.ceil(kept.shape[0] / lanes)
     padded = np.zeros((blocks * lanes, kept.shape[1]), bool)
     padded[: kept.shape[0]] = kept
     return np.where(padded.reshape(blocks, lanes, -1).any(1), 0, -1)
 
 
+def block_diagonal(weight: np.ndarray, groups: int) -> np.ndarray:
+    """Grouped conv weight (OC, IC/groups, KH, KW) -> the dense (OC, IC, KH, KW) it stands for."""
+    oc, icg, kh, kw = weight.shape
+    ocg = oc // groups
+    dense = np.zeros((oc, icg * groups, kh, kw), weight.dtype)
+    for g in range(groups):
+        dense[g * ocg:(g + 1) * ocg, g * icg:(g + 1) * icg] = weight[g * ocg:(g + 1) * ocg]
+    return dense
+
+
 def to_nchwc(array: np.ndarray, lanes: int) -> np.ndarray:
-    """(1, C, H, W) -> (ceil(C / L), H, W, L), padding channels with zeros."""
-    _, channels, h, w = array.shape
+    """(N, C, H, W) -> (N, ceil(C / L), H, W, L), padding channels with zeros."""
+    n, channels, h, w = array.shape
     blocks = math.ceil(channels / lanes)
-    padded = np.zeros((blocks * lanes, h, w), array.dtype)
-    padded[:channels] = array[0]
-    return np.ascontiguousarray(padded.reshape(blocks, lanes, h, w).transpose(0, 2, 3, 1))
+    padded = np.zeros((n, blocks * lanes, h, w), array.dtype)
+    padded[:, :channels] = array
+    return np.ascontiguousarray(padded.reshape(n, blocks, lanes, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def from_nchwc(array: np.ndarray, channels: int) -> np.ndarray:
-    """(CB, H, W, L) -> (1, channels, H, W)."""
-    blocks, h, w, lanes = array.shape
-    return np.ascontiguousarray(array.transpose(0, 3, 1, 2).reshape(1, blocks * lanes, h, w)[:, :channels])
+    """(N, CB, H, W, L) -> (N, channels, H, W)."""
+    n, blocks, h, w, lanes = array.shape
+    return np.ascontiguousarray(array.transpose(0, 1, 4, 2, 3).reshape(n, blocks * lanes, h, w)[:, :channels])

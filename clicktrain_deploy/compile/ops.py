@@ -1,7 +1,7 @@
 """Generated kernels for the non-conv ops of a CNN, on the same NCHW[L]c activations.
 
-  pack      (1, C, H, W) -> (ceil(C/Li), H, W, Li)          model input into the blocked layout
-  unpack    (ceil(C/L), H, W, L) -> (1, C, H, W)            blocked activations back to NCHW
+  pack      (N, C, H, W) -> (N, ceil(C/Li), H, W, Li)       activations into the blocked layout
+  unpack    (N, ceil(C/L), H, W, L) -> (N, C, H, W)         blocked activations back to NCHW
   avgpool   (CB, H, W, L) -> (1, CB * L)                    global average pool (+ flatten)
   maxpool   (CB, H, W, L) -> (CB, OH, OW, L)                2x2 stride 2, ceil mode
   dense     (1, K) x W (N, K) + b (N,) -> (1, N)            classifier layer, optional ReLU
@@ -17,26 +17,28 @@ LAYOUT = "T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pat
     + LAYOUT_ATTR + "': '{kind}'}})"
 
 
-def pack_tvmscript(channels: int, height: int, width: int, lanes: int, name: str) -> str:
+def pack_tvmscript(batch: int, channels: int, height: int, width: int, lanes: int, name: str) -> str:
+    """(N, C, H, W) -> (N, ceil(C/L), H, W, L), channels zero-padded to whole blocks."""
     blocks = math.ceil(channels / lanes)
     return f"""@T.prim_func
-def {name}(X: T.Buffer((1, {channels}, {height}, {width}), 'float32'), Y: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32')):
+def {name}(X: T.Buffer(({batch}, {channels}, {height}, {width}), 'float32'), Y: T.Buffer(({batch}, {blocks}, {height}, {width}, {lanes}), 'float32')):
     {LAYOUT.format(name=name, kind="pack")}
-    for c in T.parallel({blocks}):
+    for nc in T.parallel({batch * blocks}):
         for y, x in T.grid({height}, {width}):
             for l in T.vectorized({lanes}):
-                Y[c, y, x, l] = T.if_then_else(c * {lanes} + l < {channels}, X[0, T.min(c * {lanes} + l, {channels - 1}), y, x], T.float32(0))
+                Y[nc // {blocks}, nc % {blocks}, y, x, l] = T.if_then_else(nc % {blocks} * {lanes} + l < {channels}, X[nc // {blocks}, T.min(nc % {blocks} * {lanes} + l, {channels - 1}), y, x], T.float32(0))
 """
 
 
-def unpack_tvmscript(channels: int, height: int, width: int, lanes: int, name: str) -> str:
+def unpack_tvmscript(batch: int, channels: int, height: int, width: int, lanes: int, name: str) -> str:
+    """(N, ceil(C/L), H, W, L) -> (N, C, H, W): the inverse of pack."""
     blocks = math.ceil(channels / lanes)
     return f"""@T.prim_func
-def {name}(X: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer((1, {channels}, {height}, {width}), 'float32')):
+def {name}(X: T.Buffer(({batch}, {blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer(({batch}, {channels}, {height}, {width}), 'float32')):
     {LAYOUT.format(name=name, kind="unpack")}
-    for c in T.parallel({channels}):
+    for nc in T.parallel({batch * channels}):
         for y, x in T.grid({height}, {width}):
-            Y[0, c, y, x] = X[c // {lanes}, y, x, c % {lanes}]
+            Y[nc // {channels}, nc % {channels}, y, x] = X[nc // {channels}, nc % {channels} // {lanes}, y, x, nc % {channels} % {lanes}]
 """
 
 
