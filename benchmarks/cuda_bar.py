@@ -66,7 +66,7 @@ def build(onnx_path: Path, target: str, work: Path, batches: list[int], emulate:
     from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
     from clicktrain_deploy.compile.cuda.toolchain import build_emulated
     from clicktrain_deploy.compile.targets import TARGETS
-    from clicktrain_deploy.export.onnx_export import load_onnx
+    from clicktrain_deploy.contract import load_onnx
     from clicktrain_deploy.passes.onnx_passes import verify
 
     model = load_onnx(onnx_path)

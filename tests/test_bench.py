@@ -11,7 +11,7 @@ from clicktrain_deploy.bench.flops import flop_reduction_limit, layer_work
 from clicktrain_deploy.bench.host import _single_conv
 from clicktrain_deploy.bench.markdown import to_markdown
 from clicktrain_deploy.bench.timing import interleaved_medians
-from clicktrain_deploy.export.onnx_export import load_onnx
+from clicktrain_deploy.contract import load_onnx
 from clicktrain_deploy.passes.onnx_passes import verify
 
 

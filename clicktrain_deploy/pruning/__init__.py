@@ -1,6 +1,7 @@
 """Pruning methods behind one contract (``method.PruningMethod``): ClickTrain pattern pruning
 during training, PruneTrain channel pruning, ADMM pattern pruning after training, dense; plus
-pattern libraries, masks (the compiler contract) and the sparsity report."""
+pattern libraries, masks (torch-side; the compiler contract is ``clicktrain_deploy.contract``) and
+the sparsity report."""
 from .admm import AdmmPruner
 from .clicktrain import ClickTrainPruner
 from .config import PruningConfig
