@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from clicktrain_deploy.cli import app
 from clicktrain_deploy.compile.build import compile_model
 from clicktrain_deploy.compile.conv_kernels import (
-    ALL_TAPS, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
+    all_taps, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
 )
 from clicktrain_deploy.compile.cuda.kernels import (
-    CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_schedule, dense_cuda_tvmscript, entry_channels,
-    maxpool_cuda_tvmscript,
+    CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_covers, cuda_schedule, dense_cuda_tvmscript,
+    entry_channels, maxpool_cuda_tvmscript,
 )
 from clicktrain_deploy.compile.cuda.lower import CudaConvKernels, lower_onnx_cuda
 from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
@@ -29,23 +29,28 @@ from clicktrain_deploy.passes.onnx_passes import verify
 from clicktrain_deploy.passes.relax_passes import rewrite_pattern_convs
 
 from .test_compile import _real_inputs
-from .test_conv_kernels import LIBRARY, _pattern_weight
+from .test_conv_kernels import LIBRARY, _pattern_weight, reference_epilogue
 from .test_relax_pass import _block, _calls, _module, _reference
 
 tvm = pytest.importorskip("tvm")
 needs_gpu = pytest.mark.skipif("not gpu_present()", reason="no NVIDIA GPU on this machine")
 
 
-def _emulated_conv(weight, assign, groups, *, height, width, stride, lanes, batch=2, relu=True, residual=True):
-    """Run the GPU conv kernel's statements on the CPU; compare with torch in float64.
+def _emulated_conv(weight, assign, groups, *, height, width, stride, lanes, batch=2,
+                   epilogue=(("residual",), ("relu",))):
+    """Run the GPU conv kernel's statements on the CPU; compare with torch in float64. ``weight``:
+    (OC, IC, 3, 3) with padding 1, or (OC, IC, 1, 1) without.
 
     Returns the spec and the most entries of one output block (chunks of at most 5 are staged)."""
-    out_channels, in_channels = weight.shape[:2]
-    oh, ow = (height - 1) // stride + 1, (width - 1) // stride + 1
-    base = dict(in_channels=in_channels, out_channels=out_channels, height=height, width=width, stride=stride,
-                in_lanes=1, lanes=lanes, groups=groups, relu=relu, residual=residual, batch=batch)
+    out_channels, in_channels, kh, kw = weight.shape
+    pad = kh // 2
+    base = dict(in_channels=in_channels, out_channels=out_channels, height=height, width=width,
+                in_lanes=1, lanes=lanes, groups=groups, kernel=(kh, kw), stride=(stride, stride),
+                padding=(pad,) * 4, epilogue=epilogue, batch=batch)
     ptr, _, wv = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))
-    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(oh, ow, stride, 32 // lanes, 5))
+    oh, ow = CudaConvSpec(entries=0, **base).out_hw
+    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(oh, ow, stride, 32 // lanes, 5, (kh, kw)))
+    assert cuda_covers(spec) is None
     func = tvm.script.from_source(conv_cuda_tvmscript(spec, "conv", emulate=True))
     kernel = build_emulated(tvm.IRModule({"conv": func})).jit()["conv"]
     rng = np.random.default_rng(0)
@@ -55,16 +60,13 @@ def _emulated_conv(weight, assign, groups, *, height, width, stride, lanes, batc
     bias_blocks = np.zeros(spec.out_blocks * lanes, np.float32)
     bias_blocks[:out_channels] = bias
     args = [x, ptr, entry_channels(assign, len(groups)), wv, bias_blocks.reshape(-1, lanes)]
-    args += [res] if residual else []
+    args += [res] if spec.residual else []
     args += [np.zeros((batch, out_channels, oh, ow), np.float32)]
     tensors = [tvm.runtime.tensor(a) for a in args]
     kernel(*tensors)
-    pad = 0 if groups == (((1, 1),),) else 1
-    w64 = torch.from_numpy(weight).double()[:, :, 1 - pad:2 + pad, 1 - pad:2 + pad]
-    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), w64, torch.from_numpy(bias).double(),
-                                     stride=stride, padding=pad)
-    ref = ref + torch.from_numpy(res).double() if residual else ref
-    ref = torch.relu(ref) if relu else ref
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(weight).double(),
+                                     torch.from_numpy(bias).double(), stride=stride, padding=pad)
+    ref = reference_epilogue(ref, epilogue, torch.from_numpy(res).double())
     np.testing.assert_allclose(tensors[-1].numpy(), ref.numpy(), atol=2e-5, rtol=1e-5)
     return spec, int(np.diff(ptr[:: len(groups)]).max())
 
@@ -87,15 +89,37 @@ def test_gpu_pattern_conv_matches_torch(out_channels, in_channels, size, stride,
 def test_gpu_dense_connectivity_and_pointwise_convs_match_torch():
     rng = np.random.default_rng(2)
     stem = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)  # dense stem, one input channel
-    _emulated_conv(stem, np.zeros((1, 1), int), (ALL_TAPS,), height=28, width=28, stride=1, lanes=16,
-                   residual=False)
+    _emulated_conv(stem, np.zeros((1, 1), int), (all_taps(3, 3),), height=28, width=28, stride=1, lanes=16,
+                   epilogue=(("relu",),))
     weight, _ = _pattern_weight(24, 16, 1, removed=0.7, seed=1)  # B=1: per-kernel patterns
     kept = np.abs(weight).sum((2, 3)) > 0
-    _emulated_conv(weight, connectivity_assignment(kept, 8), (ALL_TAPS,), height=9, width=7, stride=1, lanes=8)
-    shortcut = np.zeros((32, 16, 3, 3), np.float32)
-    shortcut[:, :, 1, 1] = rng.standard_normal((32, 16))
-    _emulated_conv(shortcut, np.zeros((2, 16), int), (((1, 1),),), height=13, width=13, stride=2, lanes=16,
-                   relu=False, residual=False)
+    _emulated_conv(weight, connectivity_assignment(kept, 8), (all_taps(3, 3),), height=9, width=7, stride=1, lanes=8)
+    shortcut = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)  # 1x1, pad 0, stride 2
+    _emulated_conv(shortcut, np.zeros((2, 16), int), (all_taps(1, 1),), height=13, width=13, stride=2, lanes=16,
+                   epilogue=())
+
+
+@pytest.mark.parametrize("epilogue", [(("clip", 0.0, 6.0),), (("hardswish", 1 / 6, 0.5),), (("sigmoid",),),
+                                      (("residual",), ("silu",)), (("hardsigmoid", 0.2, 0.5),)],
+                         ids=lambda e: "-".join(s[0] for s in e))
+def test_gpu_conv_epilogues_match_torch(epilogue):
+    weight = np.random.default_rng(4).standard_normal((12, 8, 3, 3)).astype(np.float32)
+    _emulated_conv(weight, np.zeros((3, 8), int), (all_taps(3, 3),), height=7, width=6, stride=2, lanes=4,
+                   epilogue=epilogue)
+
+
+def test_cuda_covers():
+    assert cuda_covers({"kernel": (3, 3)}) is None
+    assert cuda_covers({"kernel": (1, 1), "padding": (0, 0, 0, 0), "stride": (2, 2)}) is None
+    assert "7x7" in cuda_covers({"kernel": (7, 7), "padding": (3, 3, 3, 3), "stride": (2, 2)})
+    assert "padding" in cuda_covers({"kernel": (3, 3), "padding": (0, 1, 1, 0)})
+    assert "padding" in cuda_covers({"kernel": (1, 1)})  # ConvSpec's default padding is 1
+    assert "stride" in cuda_covers({"kernel": (3, 3), "stride": (2, 1)})
+    assert "stride" in cuda_covers({"kernel": (3, 3), "stride": (3, 3)})
+    assert "dilation" in cuda_covers({"kernel": (3, 3), "dilation": (2, 2), "padding": (2, 2, 2, 2)})
+    assert "grouped" in cuda_covers({"kernel": (3, 3), "groups": 4})
+    spec = CudaConvSpec(8, 8, 9, 9, 1, 4, (all_taps(3, 3),), 16, stride=(2, 2))
+    assert cuda_covers(spec) is None
 
 
 def test_gpu_pool_and_classifier_kernels_match_torch():
@@ -221,8 +245,8 @@ def test_emulation_runs_the_gpu_kernels_statements():
     barriers differ (so the emulated tests above speak for the GPU kernel's indexing)."""
     weight, ids = _pattern_weight(32, 16, 16, removed=0.3)
     assign = pattern_assignment(ids, 16, 32, 16)
-    base = dict(in_channels=16, out_channels=32, height=14, width=14, stride=1, in_lanes=1, lanes=16,
-                groups=library_taps(LIBRARY), relu=True, residual=True, batch=2)
+    base = dict(in_channels=16, out_channels=32, height=14, width=14, in_lanes=1, lanes=16,
+                groups=library_taps(LIBRARY), epilogue=(("residual",), ("relu",)), batch=2)
     ptr = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))[0]
     spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 1, 2, 16))
     gpu = conv_cuda_tvmscript(spec, "conv")

@@ -8,15 +8,17 @@ The conv is the same compute as ``conv_kernels.py`` (tap groups, per output bloc
   chan  (NK,) int32                input channel of each entry
   wv    (NK * T * L,) float32      per entry: T taps x L output channels (channels innermost)
   bias  (OCB, L) float32
-  R     (N, OC, OH, OW)            optional residual, added before the ReLU
-  Y     (N, OC, OH, OW)            Y = relu?(conv(X) + bias + R?)
+  R     (N, OC, OH, OW)            optional residual (an epilogue step)
+  Y     (N, OC, OH, OW)            Y = epilogue(conv(X) + bias), ``epilogue_expression``'s steps
 
 One thread block computes an OH-tile x OW-tile of one image for one block of L output channels
 (the L channels that share every input channel's pattern). Its threads load, chunk by chunk, the
-input tiles (with the 1-pixel halo) of up to CK entries into shared memory, and their weights,
+input tiles (the output tile's receptive field, zero outside the map) of up to CK entries into shared memory, and their weights,
 with consecutive threads reading consecutive pixels of a row (coalesced); then each thread
 accumulates a register tile of PY pixels x L channels, the taps of each tap group unrolled with
 constant offsets into the shared tile. Stores write consecutive pixels per thread (coalesced).
+The statements take any kernel, padding and equal strides; ``cuda_covers`` says which convs the
+GPU kernels are used (and checked) for: 3x3 pad 1 and 1x1 pad 0, stride 1 or 2, dilation 1.
 
 ``emulate=True`` emits the same statements for a CPU: blockIdx and threadIdx become serial loops,
 each phase between two barriers runs for every thread in turn, and the per-thread registers get
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..conv_kernels import ConvSpec
+from ..conv_kernels import ConvSpec, epilogue_expression
 
 ATTRS = ("T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, "
          "'tirx.is_scheduled': True}})")
@@ -45,7 +47,6 @@ class CudaConvSpec(ConvSpec):
     TW * TH / PY threads; chunk: CK entries staged in shared memory at a time.
     """
 
-    batch: int = 1
     rows_per_thread: int = 2
     chunk: int = 16
 
@@ -57,20 +58,63 @@ class CudaConvSpec(ConvSpec):
     def input_tile(self) -> tuple[int, int]:
         """Shared input tile (rows, columns) of one entry: the output tile's receptive field."""
         tw, th = self.tile
-        return (th - 1) * self.stride + 3, (tw - 1) * self.stride + 3
+        return _receptive(th, self.stride[0], self.kernel[0], self.dilation[0]), \
+            _receptive(tw, self.stride[1], self.kernel[1], self.dilation[1])
 
 
-def cuda_schedule(out_height: int, out_width: int, stride: int, rows_per_thread: int, max_entries: int) -> dict:
-    """Tile, rows per thread and chunk of a conv with an OH x OW output.
+def _receptive(outputs: int, stride: int, kernel: int, dilation: int) -> int:
+    return (outputs - 1) * stride + (kernel - 1) * dilation + 1
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def cuda_covers(spec_or_fields) -> str | None:
+    """None when the GPU conv kernel covers this conv, else a short reason (the conv then goes
+    to TVM's own GPU scheduling). Takes a ConvSpec or a mapping of its fields (kernel, stride,
+    padding, dilation; missing ones take ConvSpec's defaults) where ``groups``, if an int, is the
+    conv's group count (a ConvSpec's tap groups are not conv groups: a spec is one group)."""
+    if isinstance(spec_or_fields, ConvSpec):
+        fields = {k: getattr(spec_or_fields, k) for k in ("kernel", "stride", "padding", "dilation")}
+    else:
+        fields = dict(spec_or_fields)
+    kernel = _pair(fields.get("kernel", (3, 3)))
+    stride = _pair(fields.get("stride", (1, 1)))
+    padding = tuple(fields.get("padding", (1, 1, 1, 1)))
+    dilation = _pair(fields.get("dilation", (1, 1)))
+    groups = fields.get("groups", 1)
+    if isinstance(groups, int) and groups != 1:
+        return f"grouped conv ({groups} groups)"
+    if dilation != (1, 1):
+        return f"dilation {dilation}"
+    if kernel == (3, 3):
+        if padding != (1, 1, 1, 1):
+            return f"3x3 conv with padding {padding} (GPU kernel: 1, 1, 1, 1)"
+    elif kernel == (1, 1):
+        if any(padding):
+            return f"1x1 conv with padding {padding} (GPU kernel: none)"
+    else:
+        return f"{kernel[0]}x{kernel[1]} kernel (GPU kernel: 3x3 or 1x1)"
+    if stride[0] != stride[1] or stride[0] not in (1, 2):
+        return f"stride {stride} (GPU kernel: 1 or 2, equal)"
+    return None
+
+
+def cuda_schedule(out_height: int, out_width: int, stride, rows_per_thread: int, max_entries: int,
+                  kernel=(3, 3), dilation=(1, 1)) -> dict:
+    """Tile, rows per thread and chunk of a conv with an OH x OW output (stride, kernel and
+    dilation: ints or (y, x) pairs).
 
     A block spans the map's width up to 32 pixels and about ``THREADS`` threads, each computing
     PY rows (the layout's register tile). CK, the entries staged at a time, is at most 16, the
     most entries of one output block, and what keeps the input tiles within SHARED_TILE_FLOATS.
     """
+    (sh, sw), (kh, kw), (dh, dw) = _pair(stride), _pair(kernel), _pair(dilation)
     rows_per_thread = max(1, min(rows_per_thread, out_height))
     width = min(out_width, 32)
     thread_rows = max(1, min(math.ceil(out_height / rows_per_thread), THREADS // width))
-    tile_floats = ((thread_rows * rows_per_thread - 1) * stride + 3) * ((width - 1) * stride + 3)
+    tile_floats = _receptive(thread_rows * rows_per_thread, sh, kh, dh) * _receptive(width, sw, kw, dw)
     chunk = max(1, min(16, max_entries, SHARED_TILE_FLOATS // tile_floats))
     return {"tile": (width, thread_rows * rows_per_thread), "rows_per_thread": rows_per_thread, "chunk": chunk}
 
@@ -96,7 +140,8 @@ def _threads(body: list[str], extent: int, emulate: bool, indent: str) -> list[s
 
 def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) -> str:
     """TVMScript of the GPU conv described in the module docstring."""
-    n_, s, lanes = spec.batch, spec.stride, spec.lanes
+    n_, (sh, sw), (dh, dw), lanes = spec.batch, spec.stride, spec.dilation, spec.lanes
+    pt, pl = spec.padding[:2]
     oh, ow = spec.out_hw
     tw, th = spec.tile
     py = spec.rows_per_thread
@@ -120,6 +165,8 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
               f"chan: T.Buffer(({entries},), 'int32')",
               f"wv: T.Buffer(({entries * taps * lanes},), 'float32')",
               f"bias: T.Buffer(({spec.out_blocks}, {lanes}), 'float32')"]
+    if oh < 1 or ow < 1:
+        raise ValueError(f"conv output {oh}x{ow} is empty")
     if spec.residual:
         params.append(f"R: T.Buffer(({n_}, {spec.out_channels}, {oh}, {ow}), 'float32')")
     params.append(f"Y: T.Buffer(({n_}, {spec.out_channels}, {oh}, {ow}), 'float32')")
@@ -154,8 +201,8 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
         f"for i in range({math.ceil(xs_size / nt)}):",
         f"    e: T.int32 = i * {nt} + t",
         f"    if e < {xs_size}:",
-        f"        iy: T.int32 = y0 * {s} - 1 + e % {rows * cols} // {cols}",
-        f"        ix: T.int32 = x0 * {s} - 1 + e % {cols}",
+        f"        iy: T.int32 = y0 * {sh} - {pt} + e % {rows * cols} // {cols}",
+        f"        ix: T.int32 = x0 * {sw} - {pl} + e % {cols}",
         f"        Xs[e] = T.if_then_else(k0 + e // {rows * cols} < hi and 0 <= iy and iy < {spec.height} "
         f"and 0 <= ix and ix < {spec.width}, X[n, chan[T.min(k0 + e // {rows * cols}, {entries - 1})], "
         f"T.max(T.min(iy, {spec.height - 1}), 0), T.max(T.min(ix, {spec.width - 1}), 0)], T.float32(0))",
@@ -172,8 +219,8 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
         for tap, (dy, dx) in enumerate(group):
             compute += [
                 f"    for r in {unroll}({py}):",
-                f"        xv: T.float32 = Xs[((k - k0) * {rows} + (t // {tw} + r * {by}) * {s} + {dy}) * {cols} "
-                f"+ t % {tw} * {s} + {dx}]",
+                f"        xv: T.float32 = Xs[((k - k0) * {rows} + (t // {tw} + r * {by}) * {sh} + {dy * dh}) * {cols} "
+                f"+ t % {tw} * {sw} + {dx * dw}]",
                 f"        for l in {unroll}({lanes}):",
                 f"            acc[{a}r, l] = acc[{a}r, l] + xv * Ws[((k - k0) * {taps} + {tap}) * {lanes} + l]",
             ]
@@ -183,16 +230,13 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
     lines += _threads(compute, nt, emulate, inner)
     if not emulate:
         lines.append(f"{inner}T.tvm_storage_sync('shared')")
-    value = f"acc[{a}r, l] + bias[ob, l]"
-    if spec.residual:
-        value += " + R[n, ob * {L} + l, y0 + t // {tw} + r * {by}, x0 + t % {tw}]".format(L=lanes, tw=tw, by=by)
-    if spec.relu:
-        value = f"T.max({value}, T.float32(0))"
+    index = f"n, ob * {lanes} + l, y0 + t // {tw} + r * {by}, x0 + t % {tw}"
+    value = epilogue_expression(spec.epilogue, f"acc[{a}r, l] + bias[ob, l]", f"R[{index}]")
     store = [
         f"for r in {unroll}({py}):",
         f"    for l in {unroll}({lanes}):",
         f"        if y0 + t // {tw} + r * {by} < {oh} and x0 + t % {tw} < {ow} and ob * {lanes} + l < {spec.out_channels}:",
-        f"            Y[n, ob * {lanes} + l, y0 + t // {tw} + r * {by}, x0 + t % {tw}] = {value}",
+        f"            Y[{index}] = {value}",
     ]
     lines += _threads(store, nt, emulate, indent)
     return "\n".join(lines)
