@@ -122,6 +122,29 @@ def test_cuda_covers():
     assert cuda_covers(spec) is None
 
 
+def test_gpu_conv_kernels_keep_accumulators_in_registers():
+    """ptxas on the conv kernels alone (sm_90, each lane count's register tile, epilogues): no
+    spills to local memory, within the 255-register limit."""
+    from clicktrain_deploy.compile.cuda.toolchain import load_cuda_backend, nvcc_device_compiler
+
+    funcs = {}
+    for i, (lanes, k, s, groups, epi) in enumerate([
+            (16, 3, 1, library_taps(LIBRARY), (("residual",), ("relu",))),
+            (8, 3, 2, (all_taps(3, 3),), (("hardswish", 1 / 6, 0.5),)),
+            (4, 1, 2, (all_taps(1, 1),), (("residual",), ("silu",)))]):
+        oh = (28 - 1) // s + 1
+        spec = CudaConvSpec(64, 64, 28, 28, 1, lanes, groups, 64 * 64 // lanes, kernel=(k, k), stride=(s, s),
+                            padding=(k // 2,) * 4, batch=2, epilogue=epi,
+                            **cuda_schedule(oh, oh, s, 32 // lanes, 64, k))
+        funcs[f"conv{i}"] = tvm.script.from_source(conv_cuda_tvmscript(spec, f"conv{i}"))
+    load_cuda_backend()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
+    with nvcc_device_compiler("sm_90") as built, target:
+        tvm.compile(tvm.IRModule(funcs), target=target)
+    assert len(built) == 1 and built[0]["spill_bytes"] == 0
+    assert 32 < built[0]["max_registers"] <= 255
+
+
 def test_gpu_pool_and_classifier_kernels_match_torch():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)
