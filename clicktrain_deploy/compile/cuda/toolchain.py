@@ -22,8 +22,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ...passes.relax_passes import deploy_pipeline
-from ..lower import CompileError
+from ..errors import CompileError
+from ..schedule import finalize_pipeline
 from ..targets import TargetSpec
 
 FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
@@ -140,7 +140,8 @@ def nvcc_device_compiler(arch: str) -> Iterator[list[dict]]:
 
 
 def build_cuda(module: tvm.IRModule, target: TargetSpec) -> tuple[relax.Executable, dict]:
-    """Compile a lowered module for a CUDA target; returns the executable and what was built.
+    """Compile a lowered, scheduled module for a CUDA target; returns the executable and what
+    was built.
 
     Fails loudly unless nvcc produced device code: a library holding only CUDA source (what TVM
     falls back to without its CUDA backend) cannot be loaded by any runtime.
@@ -150,7 +151,7 @@ def build_cuda(module: tvm.IRModule, target: TargetSpec) -> tuple[relax.Executab
     tvm_target = tvm.target.Target(target.tvm_target)
     arch = target.tvm_target["arch"]
     with nvcc_device_compiler(arch) as built, tvm_target:
-        executable = tvm.compile(module, target=tvm_target, relax_pipeline=deploy_pipeline(gpu=True))
+        executable = tvm.compile(module, target=tvm_target, relax_pipeline=finalize_pipeline())
     if len(built) != 1:
         raise CompileError(f"{target.name}: nvcc built {len(built)} device modules, expected 1")
     kernels = sum(isinstance(f, tvm.tirx.PrimFunc) for f in module.functions.values())
@@ -176,4 +177,4 @@ def build_emulated(module: tvm.IRModule) -> relax.Executable:
     """Build a module lowered with ``emulate=True`` for this CPU: the GPU kernels' statements with
     serial thread loops, to check their results here. LLVM does not optimise (it is a check)."""
     return tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "opt-level": 0}),
-                       relax_pipeline=deploy_pipeline())
+                       relax_pipeline=finalize_pipeline())
