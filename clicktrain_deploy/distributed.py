@@ -11,7 +11,9 @@ Contract kept for training (see ``train.trainer``):
   step k is exactly the single-process batch k (same permutation and augmentation, which depend
   only on (seed, epoch));
 - gradients are averaged by ``DistributedDataParallel``; importance scores are averaged before
-  selection and the library and masks are compared across ranks (``check_identical``);
+  selection and the library and masks are compared across ranks (``check_identical``); a value a
+  method fixes from the loss (PruneTrain's coefficient) is taken from the loss averaged over ranks
+  (``mean_over_ranks``); after every epoch the weights and the method's whole state are compared;
 - rank 0 alone reads checkpoints (``from_main``) and writes files.
 """
 from __future__ import annotations
@@ -148,6 +150,14 @@ def all_reduce_sums(*values: float) -> tuple[float, ...]:
     return tuple(summed.tolist())
 
 
+def mean_over_ranks(value: float) -> float:
+    """``value`` averaged over ranks (float64); ``value`` itself when single-process. With
+    even shards (``shard``) the mean of the ranks' batch-mean losses is the global batch's."""
+    if not is_distributed():
+        return value
+    return all_reduce_sums(value)[0] / dist.get_world_size()
+
+
 def average_(tensors: Iterable[Tensor]) -> None:
     """Replace each tensor, in place, by its mean over ranks."""
     if not is_distributed():
@@ -162,19 +172,40 @@ def average_buffers(model: nn.Module) -> None:
     average_(b for b in model.buffers() if b.is_floating_point())
 
 
-def digest(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes of ``tensors``."""
-    items = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors)
-    sha = hashlib.sha256()
-    for name, tensor in items:
-        t = tensor.detach().to("cpu").contiguous()
+def _update(sha, name: str, value: object) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach().to("cpu").contiguous()
         sha.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         sha.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        sha.update(f"{name}:map{len(value)};".encode())
+        for key, item in value.items():
+            _update(sha, f"{name}/{key}", item)
+    elif isinstance(value, (list, tuple)):
+        sha.update(f"{name}:seq{len(value)};".encode())
+        for index, item in enumerate(value):
+            _update(sha, f"{name}/{index}", item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        sha.update(f"{name}={value!r};".encode())  # repr of a float is exact
+    elif hasattr(value, "state_dict"):
+        _update(sha, name, value.state_dict())
+    else:
+        raise TypeError(f"digest: {name}: cannot hash a {type(value).__name__}")
+
+
+def digest(tensors: Mapping[str, object] | Iterable[object]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of ``tensors``; nested dicts and lists (a
+    pruning method's ``state_dict``: coefficients, ADMM's Z/U/Y/V, masks) and their scalars too."""
+    items = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors)
+    sha = hashlib.sha256()
+    for name, value in items:
+        _update(sha, str(name), value)
     return sha.hexdigest()
 
 
-def check_identical(what: str, tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> None:
-    """Raise ``DistributedError`` on every rank unless ``tensors`` are bit-identical on all."""
+def check_identical(what: str, tensors: Mapping[str, object] | Iterable[object]) -> None:
+    """Raise ``DistributedError`` on every rank unless ``tensors`` (or a nested state, see
+    ``digest``) are bit-identical on all."""
     if not is_distributed():
         return
     digests: list = [None] * dist.get_world_size()
@@ -182,6 +213,11 @@ def check_identical(what: str, tensors: Mapping[str, Tensor] | Iterable[Tensor])
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise DistributedError(f"{what} differ across ranks: rank(s) {differ} disagree with rank 0")
+
+
+def check_method_state(what: str, state: object) -> None:
+    """``check_identical`` for a pruning method's whole ``state_dict()`` (None for dense)."""
+    check_identical(what, {"state": state})
 
 
 class ShardedBatches:

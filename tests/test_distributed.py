@@ -24,7 +24,10 @@ from clicktrain_deploy import distributed, parse_recipe, train
 from clicktrain_deploy.data import BatchIterator
 from clicktrain_deploy.data.datasets import Split
 from clicktrain_deploy.errors import CheckpointError, DistributedError, RecipeError
+from clicktrain_deploy.models import create_model
+from clicktrain_deploy.pruning import create_method
 from clicktrain_deploy.pruning.clicktrain import PrunedLayer, estimate_importance
+from clicktrain_deploy.pruning.config import PruningConfig
 from clicktrain_deploy.train import load_checkpoint, restore_model
 
 from .conftest import REPO, small_recipe
@@ -179,3 +182,77 @@ def test_collectives_average_broadcast_and_fail_loudly_on_every_rank():
         assert scores == [1.5, 4.0] and sums == (2.0, 1.0) and value == "from rank 0"
         assert broadcast_error == "run/checkpoints/epoch-0001.pt: truncated"
     assert sum(rows[0][-1]) > 0 and rows[0][-1] == rows[1][-1]  # same scores on both ranks
+
+
+def _prunetrain_coefficient(rank: int, port: int, results) -> None:
+    """Each rank: the same ResNet-20, its own images; PruneTrain fixes its coefficient."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = create_model("resnet20", 10, 1)
+        method = create_method(model, PruningConfig(method="prunetrain"))
+        images = torch.Generator().manual_seed(100 + rank)
+        inputs, labels = torch.randn(8, 1, 28, 28, generator=images), torch.randint(0, 10, (8,), generator=images)
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        term = method.penalty_term(loss, "regularize")
+        lasso = float(term.detach()) / method.coefficient
+        distributed.check_method_state("prunetrain state", method.state_dict())  # agrees: no raise
+        caught = []
+        # one ulp off on rank 1: the coefficient, then an ADMM-like nested variable
+        diverged = dict(method.state_dict())
+        if rank == 1:
+            diverged["coefficient"] = float(torch.nextafter(torch.tensor(method.coefficient, dtype=torch.float64),
+                                                            torch.tensor(1.0, dtype=torch.float64)))
+        nested = {"variables": {"layers.0.0.conv1": {"Z": torch.zeros(4), "U": torch.zeros(4)}}, "steps": 50}
+        if rank == 1:
+            nested["variables"]["layers.0.0.conv1"]["U"][2] = 1e-30
+        for what, state in [("coefficient", diverged), ("admm state", nested)]:
+            try:
+                distributed.check_method_state(what, state)
+                caught.append("not raised")
+            except DistributedError as error:
+                caught.append(str(error))
+        results.put((rank, float(loss.detach()), lasso, method.coefficient, caught))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_prunetrain_ranks_fix_one_coefficient_from_the_global_loss_and_diverged_state_is_caught():
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_prunetrain_coefficient, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    (_, loss0, lasso0, c0, caught0), (_, loss1, lasso1, c1, caught1) = sorted(results.get() for _ in range(2))
+    assert loss0 != loss1 and lasso0 == lasso1  # the shards differ, the weights do not
+    assert c0 == c1  # bit for bit
+    ratio = PruningConfig().prunetrain.penalty_ratio
+    assert c0 == pytest.approx(ratio * (loss0 + loss1) / 2 / (lasso0 * (1 - ratio)), rel=1e-6)
+    for caught in (caught0, caught1):  # every rank stops, naming what differs
+        assert caught == ["coefficient differ across ranks: rank(s) [1] disagree with rank 0",
+                          "admm state differ across ranks: rank(s) [1] disagree with rank 0"]
+
+
+def _launch(recipe: dict, base, **env) -> subprocess.CompletedProcess:
+    recipe_file = base / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(WORKER), str(recipe_file), str(base)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_prunetrain_under_torchrun_same_coefficient_on_every_rank_and_divergence_stops_it(tmp_path):
+    recipe = small_recipe("run", schedule={"epochs": 1}, data={"test_subset": 500},
+                          pruning={"method": "prunetrain"})
+    launched = _launch(recipe, tmp_path / "even")
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    states = [torch.load(tmp_path / "even" / f"state-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert states[0]["pruner"]["coefficient"] == states[1]["pruner"]["coefficient"] > 0
+    saved = load_checkpoint(tmp_path / "even" / "rank0" / "run")
+    assert saved["pruner"]["coefficient"] == states[1]["pruner"]["coefficient"]  # what a resume uses
+    # one rank's coefficient one ulp off: the weights stay identical, the state check stops the run
+    diverged = _launch(recipe, tmp_path / "diverged", DIVERGE_RANK="1")
+    assert diverged.returncode != 0
+    assert ("prunetrain state (coefficients, masks, method variables) after epoch 0 differ across ranks: "
+            "rank(s) [1] disagree with rank 0") in diverged.stderr, diverged.stderr[-4000:]
+    assert not (tmp_path / "diverged" / "rank0" / "run" / "checkpoints").exists()

@@ -2,7 +2,8 @@
 
 The loss gets a group lasso over the output channels and input channels of every conv and the
 input neurons of the classifier, its coefficient fixed at the first step so that the penalty is
-``penalty_ratio`` of the loss. Every ``interval`` epochs (and after the last) every channel whose
+``penalty_ratio`` of the loss (of the global batch under torchrun: the ranks' losses are averaged
+first, so every rank fixes the same coefficient). Every ``interval`` epochs (and after the last) every channel whose
 weights are all below ``threshold`` in every layer touching it is removed: the model becomes a
 smaller dense model, its parameters keep their identity (so optimizer and LR schedule go on) and
 the optimizer state is sliced with them. Which channels touch which layers comes from the model's
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import PruningError
 from ..models.channels import ChannelNode
 from .config import PruningConfig
@@ -113,8 +115,12 @@ class PruneTrain:
         """coefficient * channel group lasso; the first call fixes the coefficient from ``loss``."""
         lasso = channel_group_lasso(self.nodes)
         if self.coefficient is None:
+            # under torchrun every rank sees its own shard: fix the coefficient from the loss of
+            # the global batch (the mean over ranks), so every rank fixes the same one; the lasso
+            # is the same on every rank (identical weights)
             ratio = self.config.penalty_ratio
-            self.coefficient = ratio * float(loss.detach()) / (float(lasso.detach()) * (1 - ratio))
+            global_loss = distributed.mean_over_ranks(float(loss.detach()))
+            self.coefficient = ratio * global_loss / (float(lasso.detach()) * (1 - ratio))
         return self.coefficient * lasso
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:

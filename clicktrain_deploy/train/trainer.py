@@ -282,6 +282,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             run.metrics.append(row)
             distributed.check_identical(f"weights and BN statistics after epoch {epoch}",
                                         run.model.state_dict())
+            distributed.check_method_state(f"{recipe.pruning.method} state (coefficients, masks, "
+                                           f"method variables) after epoch {epoch}", run.pruner.state_dict())
             checkpoint = checkpoint_path(output, epoch)
             if distributed.is_main():
                 save_checkpoint(output, epoch, run.state(epoch), recipe.keep_checkpoints)
