@@ -29,8 +29,16 @@ def test_bad_fields_are_named(raw, message):
 
 
 def test_dense_recipe_ignores_pruning_epochs():
+    # the same epochs stop a pruning recipe: what lets the dense one through is its method
+    for method in ("clicktrain", "admm"):
+        with pytest.raises(RecipeError, match=r"pruning.select_epoch \(9\) must be < schedule.epochs \(2\)"):
+            parse_recipe({"schedule": {"epochs": 2}, "pruning": {"method": method, "select_epoch": 9}})
     recipe = parse_recipe({"schedule": {"epochs": 2}, "pruning": {"method": "dense", "select_epoch": 9}})
-    assert recipe.pruning.method == "dense"
+    from clicktrain_deploy.pruning import create_method
+    from clicktrain_deploy.models import create_model
+
+    method = create_method(create_model("resnet20", 10, 1), recipe.pruning)
+    assert [method.phase(epoch) for epoch in range(2)] == ["dense", "dense"]
 
 
 def test_toml_and_yaml_load_the_same_recipe(tmp_path):
