@@ -11,6 +11,11 @@ from onnx import numpy_helper, shape_inference
 from ..contract import PatternMetadata
 
 
+def load_model(path) -> onnx.ModelProto:
+    """An ONNX file, weights included (no checks: the benchmark reads what it compiled)."""
+    return onnx.load(str(path))
+
+
 @dataclass(frozen=True)
 class LayerWork:
     """One Conv or Gemm at batch 1: its name as the compile manifest gives it, multiply-adds."""

@@ -1,8 +1,26 @@
-"""Latency on this machine at a fixed thread count, whole model and per conv layer.
+"""Latency on this machine at a fixed thread count: each runtime alone in its own process.
 
-Thread pools (TVM's, onnxruntime's, torch's) are sized when they start, so each thread count is
-measured in a child process whose environment fixes it; it reads a JSON request on stdin and
-prints a JSON answer.
+Thread pools (TVM's, onnxruntime's, torch's OpenMP) are sized when they start and, living in one
+process, take cores from each other (see README, "multi-thread figures"). So every runtime is
+measured by a worker process of its own, started with its thread count fixed in the environment
+(``TVM_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) and in the runtime's own setting
+(onnxruntime ``intra_op_num_threads``, ``torch.set_num_threads``). The parent drives the workers
+one at a time: each builds its callables (``bench.runtimes``) and calibrates them, then, round
+after round, takes ``samples`` samples of every callable with ``bench.timing.run_samples`` while
+the other workers wait, blocked on a pipe. Rounds rotate across workers, so load that drifts
+during the run hits every runtime alike, and no two runtimes ever run at the same time.
+
+Protocol: the worker reads one JSON request line (``{"threads", "runtimes": [spec, ...]}``),
+answers ``{"calls": {key: k}}``; then for each ``{"samples": S}`` line answers
+``{"per_call_s": {key: [...]}}``; an empty line ends it. Keys are ``runtime/what``: ``model``,
+``floor:model``, ``floor:op``, ``layer:<name>``.
+
+A runtime spec: ``{"runtime": name, "onnx": path, "work_dir": path, "layers": bool}`` plus
+``"library"`` (ours: a host build with its manifest beside it), ``"torch"`` (torch:
+``{"checkpoint": path}`` or ``{"factory": "module:function" | "file.py:function", "kwargs": {},
+"state_dict": path}``; without it only the per-layer and floor callables), ``"spinning"``
+(onnxruntime: allow_spinning, default on). Runtime names: ``ours_*`` (any TVM host build),
+``onnxruntime``, ``torch``.
 """
 from __future__ import annotations
 
@@ -10,108 +28,207 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from .flops import LayerWork, layer_work
-from .timing import interleaved_medians
+from .timing import MIN_SAMPLE_S, ROUNDS, SAMPLES, Timing, calls_per_sample, run_samples
 
-
-_CHILD = "import json, sys; from clicktrain_deploy.bench.host import measure; print(json.dumps(measure(json.load(sys.stdin))))"
+_WORKER = "from clicktrain_deploy.bench.host import serve; serve()"
+HANDOFF_PAUSE_S = 0.02  # between one worker's round and the next: a finished pool's spin-wait ends
 
 
-def measure_in_child(request: dict, threads: int) -> dict:
-    """Run :func:`measure` in a fresh process pinned to ``threads`` threads."""
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "OMP_WAIT_POLICY": "PASSIVE"}
-    child = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps({**request, "threads": threads}),
-                           env=env, capture_output=True, text=True)
-    if child.returncode != 0:
-        raise RuntimeError(f"benchmark at {threads} thread(s) failed:\n{child.stderr[-4000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+def all_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def measure(request: dict) -> dict:
-    """Whole model: ours pattern-sparse, ours dense, onnxruntime, torch (when a checkpoint is given),
-    interleaved. Per conv: our candidate kernels alone, onnxruntime and torch on that conv alone.
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment a worker at ``threads`` threads is started with."""
+    return {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads)}
 
-    request: onnx (path), sparse_lib, dense_lib (host .so paths), checkpoint (path or None),
-    threads, rounds. Returns {"whole_ms": {variant: ms}, "layers_us": {layer: {variant: us}}}.
-    """
-    import onnxruntime as ort
+
+class Worker:
+    """One worker process: its runtimes' callables, built and calibrated at start."""
+
+    def __init__(self, specs: list[dict], threads: int, min_sample_s: float = MIN_SAMPLE_S,
+                 env: dict[str, str] | None = None):
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                        env=env or thread_env(threads))
+        self.calls = self._ask({"threads": threads, "runtimes": specs, "min_sample_s": min_sample_s})["calls"]
+
+    def _ask(self, message: dict) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.stderr.seek(0)
+            raise RuntimeError(f"benchmark worker failed (exit {self.process.returncode}):\n"
+                               f"{self.stderr.read()[-4000:]}")
+        return json.loads(line)
+
+    def round(self, samples: int) -> dict[str, list[float]]:
+        return self._ask({"samples": samples})["per_call_s"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=60)
+        self.stderr.close()
+
+
+def measure(groups: dict[str, list[dict]], threads: int, rounds: int = ROUNDS, samples: int = SAMPLES,
+            min_sample_s: float = MIN_SAMPLE_S, on_error: Callable[[str, Exception], None] | None = None
+            ) -> dict[str, Timing]:
+    """Time every callable of every group, one worker process per group (``{group: [spec, ...]}``:
+    one spec per group isolates each runtime; all specs in one group share a process), in
+    ``rounds`` interleaved rounds of ``samples`` samples. Returns {``runtime/what``: Timing}.
+    A group whose worker fails to start is reported to ``on_error`` (or raised) and left out."""
+    workers: dict[str, Worker] = {}
+    try:
+        for name, specs in groups.items():
+            try:
+                workers[name] = Worker(specs, threads, min_sample_s)
+            except RuntimeError as exc:
+                if on_error is None:
+                    raise
+                on_error(name, exc)
+        per_call: dict[str, list[float]] = {}
+        names = list(workers)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for key, values in workers[name].round(samples).items():
+                    per_call.setdefault(key, []).extend(values)
+                time.sleep(HANDOFF_PAUSE_S)
+        calls = {key: k for worker in workers.values() for key, k in worker.calls.items()}
+        return {key: Timing.from_samples(values, calls[key]) for key, values in per_call.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+# -- the worker side ---------------------------------------------------------------------------
+def serve() -> None:
+    """Worker main loop (see the module docstring)."""
+    request = json.loads(sys.stdin.readline())
+    threads = request["threads"]
     import torch
-    import tvm
-    from tvm import relax
 
-    from ..compile.lower import HostTimer, lower_onnx
-    from ..compile.targets import TARGETS
-    from ..export.check import onnxruntime_session
-    from ..contract import load_onnx
-    from ..passes.onnx_passes import verify
-
-    threads, rounds = request["threads"], request["rounds"]
     torch.set_num_threads(threads)
-    model = load_onnx(request["onnx"])
-    metadata = verify(model)
-    shape = [1, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    torch.set_grad_enabled(False)
+    fns: dict[str, Callable[[], object]] = {}
+    for spec in request["runtimes"]:
+        for key, fn in build_callables(spec, threads).items():
+            fns[f"{spec['runtime']}/{key}"] = fn
+    min_sample_s = request.get("min_sample_s", MIN_SAMPLE_S)
+    calls = {key: calls_per_sample(fn, min_sample_s) for key, fn in fns.items()}
+    _answer({"calls": calls})
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        samples = json.loads(line)["samples"]
+        _answer({"per_call_s": {key: run_samples(fn, calls[key], samples) for key, fn in fns.items()}})
 
-    session = onnxruntime_session(model.SerializeToString(), threads)
-    binding = session.io_binding()
-    binding.bind_ortvalue_input(session.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x))
-    binding.bind_output(session.get_outputs()[0].name)
-    fns = {"onnxruntime": lambda: session.run_with_iobinding(binding)}
-    for name in ("sparse", "dense"):
-        vm = relax.VirtualMachine(tvm.runtime.load_module(request[f"{name}_lib"]), tvm.cpu())
-        fns[f"ours_{name}"] = lambda vm=vm, t=tvm.runtime.tensor(x): vm["main"](t)
-    if request.get("checkpoint"):
+
+def _answer(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def model_input(model) -> np.ndarray:
+    """The batch-1 input every runtime gets: standard normal, seed 0, at the model's input shape."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = [1, *[d.dim_value for d in dims[1:]]]
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def conv_layers(model) -> list:
+    """``bench.flops.LayerWork`` of every Conv with a constant weight, in graph order."""
+    from ..contract import read_metadata
+    from .flops import layer_work
+
+    return [w for w in layer_work(model, read_metadata(model)) if w.node.op_type == "Conv"]
+
+
+def build_callables(spec: dict, threads: int) -> dict[str, Callable[[], object]]:
+    """One runtime's callables: ``model`` (where it can run the model), ``floor:*`` and, with
+    ``spec["layers"]``, ``layer:<name>`` for every conv (ours: where the library has its kernel)."""
+    from onnx import numpy_helper
+
+    from . import runtimes
+    from .flops import load_model
+
+    runtime, work_dir = spec["runtime"], spec["work_dir"]
+    model = load_model(spec["onnx"])
+    x = model_input(model)
+    layers = conv_layers(model) if spec.get("layers") else []
+    fns: dict[str, Callable[[], object]] = {}
+    if runtime.startswith("ours"):
+        fns["model"] = runtimes.tvm_model_callable(spec["library"], x)
+        manifest = json.loads(Path(spec["library"]).with_suffix(".json").read_text())
+        functions = {entry["layer"]: entry.get("function") for entry in manifest["layers"]}
+        if layers:
+            kernels = runtimes.tvm_kernel_callables(spec["library"], x, {f for f in functions.values() if f})
+            for work in layers:
+                if functions.get(work.layer) in kernels:
+                    fns[f"layer:{work.layer}"] = kernels[functions[work.layer]]
+        floors = runtimes.floor_callables("ours", threads, work_dir)
+    elif runtime == "onnxruntime":
+        spinning = spec.get("spinning", True)
+        session = runtimes.onnxruntime_session(model, threads, spinning)
+        fns["model"] = runtimes.onnxruntime_callable(session, {session.get_inputs()[0].name: x})
+        for work in layers:
+            single = runtimes.onnxruntime_session(runtimes.single_conv_onnx(work.node, model, work.input_shape),
+                                                  threads, spinning)
+            xi = np.random.default_rng(1).standard_normal(work.input_shape).astype(np.float32)
+            fns[f"layer:{work.layer}"] = runtimes.onnxruntime_callable(single, {"x": xi})
+        floors = {"model": runtimes.onnxruntime_callable(
+            runtimes.onnxruntime_session(runtimes.trivial_onnx(), threads, spinning),
+            {"x": np.ones(1, np.float32)})}
+    elif runtime == "torch":
+        if spec.get("torch"):
+            fns["model"] = runtimes.torch_callable(load_torch_model(spec["torch"]), x)
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        for work in layers:
+            node = work.node
+            bias = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            xi = np.random.default_rng(1).standard_normal(work.input_shape).astype(np.float32)
+            fns[f"layer:{work.layer}"] = runtimes.torch_conv_callable(node, weights[node.input[1]], bias, xi)
+        floors = runtimes.floor_callables("torch", threads, work_dir)
+    else:
+        raise ValueError(f"unknown runtime {runtime!r}")
+    fns |= {f"floor:{level}": fn for level, fn in floors.items()}
+    return fns
+
+
+def load_torch_model(how: dict):
+    """The torch model a spec names: a trained checkpoint, or a factory plus a state dict."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    if how.get("checkpoint"):
         from ..train import load_checkpoint, restore_model
 
-        net, _ = restore_model(load_checkpoint(request["checkpoint"]))
-        net.eval()
-        tx = torch.from_numpy(x)
-        fns["torch"] = lambda: net(tx)
-    with torch.no_grad():
-        whole = interleaved_medians(fns, rounds)
-
-    target = TARGETS.get("x86")()
-    _, kernels, _ = lower_onnx(model, metadata, target, HostTimer(target, every_layer=True))
-    ours = {k.layer: k.measured_us for k in kernels if k.op == "conv"}
-    layers = {}
-    for work in layer_work(model, metadata):
-        if work.node.op_type != "Conv":
-            continue
-        single = _single_conv(work, model)
-        conv_session = onnxruntime_session(single.SerializeToString(), threads)
-        xi = np.random.default_rng(1).standard_normal(work.input_shape).astype(np.float32)
-        attributes = {a.name: helper.get_attribute_value(a) for a in work.node.attribute}
-        weight, bias = (torch.from_numpy(numpy_helper.to_array(t)) for t in single.graph.initializer)
-        stride, padding = attributes.get("strides", [1, 1]), attributes.get("pads", [0, 0, 0, 0])[:2]
-        txi = torch.from_numpy(xi)
-        with torch.no_grad():
-            times = interleaved_medians({
-                "onnxruntime": lambda s=conv_session, a=xi: s.run(None, {"x": a}),
-                "torch": lambda a=txi, w=weight, b=bias, s=stride, p=padding:
-                    torch.nn.functional.conv2d(a, w, b, s, p),
-            }, max(3, rounds // 3), budget_s=0.05)
-        layers[work.layer] = {**{f"ours_{k}": v for k, v in ours[work.layer].items()},
-                              **{k: v * 1e3 for k, v in times.items()}}
-    return {"whole_ms": whole, "layers_us": layers}
-
-
-def _single_conv(work: LayerWork, model: onnx.ModelProto) -> onnx.ModelProto:
-    """An ONNX model holding just this conv (weight, bias), input "x" at batch 1, output "y"."""
-    node = work.node
-    weights = {t.name: t for t in model.graph.initializer}
-    weight = numpy_helper.to_array(weights[node.input[1]])
-    bias = (numpy_helper.to_array(weights[node.input[2]]) if len(node.input) > 2
-            else np.zeros(weight.shape[0], np.float32))
-    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name=node.name,
-                            **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    graph = helper.make_graph(
-        [conv], "single_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(work.input_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-
+        net, _ = restore_model(load_checkpoint(how["checkpoint"]))
+        return net
+    where, _, name = how["factory"].rpartition(":")
+    if where.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    net = getattr(module, name)(**how.get("kwargs", {}))
+    if how.get("state_dict"):
+        net.load_state_dict(torch.load(how["state_dict"], map_location="cpu"))
+    return net
