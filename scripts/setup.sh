@@ -27,7 +27,6 @@ if ! command -v nvcc >/dev/null 2>&1; then
   .venv/bin/pip install -q --disable-pip-version-check nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
 fi
-# aarch64 TVM runtime + qemu runner for validating ARM builds on this x86 host.
-if [ ! -x .arm64/runner ]; then
-  .venv/bin/python -m clicktrain_deploy.compile.arm
-fi
+# aarch64 TVM runtime + qemu runner for validating ARM builds on this x86 host, and onnxruntime's
+# own aarch64 build to compare against (each part skips itself when already in place).
+.venv/bin/python -m clicktrain_deploy.compile.arm

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..compile.arm import instructions_per_inference
+from ..compile.arm.ort import run_onnxruntime_arm
 from ..compile.build import compile_model
 
 
@@ -28,3 +30,33 @@ def arm_instructions(onnx_path: str | Path, work_dir: str | Path, cpu: str = "co
         image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         counts[name] = instructions_per_inference(library, image, cpu)
     return counts
+
+
+@dataclass
+class OrtArmCount:
+    """onnxruntime's aarch64 build under qemu: instructions of one inference, from
+    (count at ``runs[1]`` - count at ``runs[0]``) / (runs[1] - runs[0]) session.run calls in one
+    process each, the two process totals, and the outputs of the longer run."""
+    per_inference: int
+    totals: dict[int, int]
+    outputs: list[np.ndarray]
+
+
+def measure_onnxruntime_arm(onnx_path: str | Path, inputs: list[np.ndarray], runs: tuple[int, int] = (1, 11),
+                            cpu: str = "cortex-a72") -> OrtArmCount:
+    """Count onnxruntime-aarch64 (the runtime an ARM user would pick) on ``inputs`` under
+    ``qemu-aarch64 -cpu cpu``, one thread, like ``instructions_per_inference`` counts ours.
+    Interpreter and session start-up cancel in the difference; the Python ``session.run`` call
+    itself (a few thousand instructions) is part of each inference, as it is for a user."""
+    few, many = runs
+    if not 0 <= few < many:
+        raise ValueError(f"runs={runs}: need 0 <= fewer < more")
+    _, low = run_onnxruntime_arm(onnx_path, inputs, runs=few, cpu=cpu, count=True)
+    outputs, high = run_onnxruntime_arm(onnx_path, inputs, runs=many, cpu=cpu, count=True)
+    return OrtArmCount(round((high - low) / (many - few)), {few: low, many: high}, outputs)
+
+
+def onnxruntime_arm_instructions(onnx_path: str | Path, inputs: list[np.ndarray], runs: tuple[int, int] = (1, 11),
+                                 cpu: str = "cortex-a72") -> int:
+    """Guest instructions of one onnxruntime-aarch64 inference (see ``measure_onnxruntime_arm``)."""
+    return measure_onnxruntime_arm(onnx_path, inputs, runs, cpu).per_inference
