@@ -1,4 +1,5 @@
-"""Whole-model TVM compile: x86 outputs against onnxruntime on real images, aarch64 libraries."""
+"""Whole-model compile through TVM's ONNX importer: our exports and models no project code wrote,
+x86 in process and aarch64 under qemu, against onnxruntime; the gate, the manifest, refusals."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
 
-from clicktrain_deploy.compile.build import compile_model, run_on_host
-from clicktrain_deploy.compile.lower import CompileError
+from clicktrain_deploy.compile.build import compile_model, run_images
+from clicktrain_deploy.compile.errors import CompileError
+from clicktrain_deploy.contract import read_metadata
 from clicktrain_deploy.errors import ClickTrainError
 from clicktrain_deploy.export.check import onnxruntime_session
 
@@ -19,22 +23,44 @@ def _real_inputs(fmnist, count):
     return images.numpy()
 
 
+def _assert_scheduled(manifest):
+    """Every op is ours or got a TVM schedule rule, and the shares of time add up."""
+    assert manifest["ops"] and all(op["rule"] for op in manifest["ops"])
+    assert all(op["kind"] == "generated" or op["rule"].startswith(("dlight", "CpuParallel")) for op in manifest["ops"])
+    if "time_share" in manifest["ops"][0]:
+        assert sum(op["time_share"] for op in manifest["ops"]) == pytest.approx(1.0, abs=1e-3)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_x86_build_matches_onnxruntime_on_real_images(exported, fmnist, tmp_path, sparse):
     _, result = exported
     built = compile_model(result.path, "x86", tmp_path / "model.so", measure=False, sparse=sparse)
     manifest = json.loads((tmp_path / "model.json").read_text())
-    convs = [l for l in manifest["layers"] if l["op"] == "conv"]
+    convs = manifest["layers"]
     assert len(convs) == 21  # stem, 18 block convs, 2 shortcuts
-    kinds = {l["kernel"] for l in convs}
-    assert kinds <= {"dense", "pointwise", "connectivity", "pattern"}
+    kinds = {layer["kernel"] for layer in convs}
+    assert kinds <= {"dense", "connectivity", "pattern"}
     assert ("connectivity" in kinds or "pattern" in kinds) == sparse
+    assert manifest["check"]["status"] == "passed" and manifest["check"]["max_abs_diff"] < 1e-4
     assert manifest["inputs"][0]["shape"] == [1, 1, 28, 28] and built.manifest["target"] == "x86"
+    # every block conv carries its epilogue: ReLU, or the residual add then ReLU
+    assert sum(layer["attributes"]["epilogue"] == [["residual"], ["relu"]] for layer in convs) == 9
+    assert [op["function"] for op in manifest["ops"] if op["kind"] == "generated"][0].startswith("pack")
+    assert sum(op["function"].startswith("unpack") for op in manifest["ops"]) == 1  # blocked until the pool
+    _assert_scheduled(manifest)
+    images = _real_inputs(fmnist, 5)
     session = onnxruntime_session(result.path.read_bytes())
-    for image in _real_inputs(fmnist, 5):
-        got = run_on_host(built.library, image[None])
-        expected = session.run(None, {"input": image[None]})[0]
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    expected = np.concatenate([session.run(None, {"input": image[None]})[0] for image in images])
+    np.testing.assert_allclose(run_images(built.library, images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_x86_build(exported, fmnist, tmp_path):
+    _, result = exported
+    built = compile_model(result.path, "x86", tmp_path / "b3.so", measure=False, batch=3)
+    assert built.manifest["inputs"][0]["shape"] == [3, 1, 28, 28]
+    images = _real_inputs(fmnist, 7)  # two full batches and a short one
+    expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
+    np.testing.assert_allclose(run_images(built.library, images, batch=3), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_arm64_build_is_an_aarch64_library(exported, tmp_path):
@@ -42,33 +68,44 @@ def test_arm64_build_is_an_aarch64_library(exported, tmp_path):
     built = compile_model(result.path, "cortex-a72", tmp_path / "model_arm.so")
     header = built.library.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
-    convs = [l for l in built.manifest["layers"] if l["op"] == "conv"]
+    assert built.manifest["check"]["status"] == "passed"
+    assert built.manifest["check"]["runtime"] == "qemu-aarch64 -cpu cortex-a72"
     # B=4 matches NEON's 4 lanes: the pattern kernel, chosen by its multiply-add saving
-    assert sum(l["kernel"] == "pattern" for l in convs) == 18
-    assert all("fewer multiply-adds" in l["reason"] for l in convs if l["kernel"] == "pattern")
+    convs = built.manifest["layers"]
+    assert sum(layer["kernel"] == "pattern" for layer in convs) == 18
+    assert all("fewer multiply-adds" in layer["reason"] for layer in convs if layer["kernel"] == "pattern")
 
 
-def test_unknown_ops_and_targets_are_clear_errors(tmp_path):
+def test_target_and_input_shape_errors(tmp_path):
     weight = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 1, 3, 3], np.ones(36, np.float32))
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Sigmoid", ["c"], ["logits"], name="squash")],
-        "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
-              tmp_path / "sig.onnx")
-    with pytest.raises(CompileError, match="'squash' \\(Sigmoid\\): not supported"):
-        compile_model(tmp_path / "sig.onnx", "x86", tmp_path / "sig.so", measure=False)
-    assert not (tmp_path / "sig.so").exists()
+        [helper.make_node("Conv", ["input", "w"], ["logits"], name="conv", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 4, "H", "W"])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), tmp_path / "d.onnx")
     with pytest.raises(KeyError, match="unknown target 'riscv'"):
-        compile_model(tmp_path / "sig.onnx", "riscv", tmp_path / "x.so")
+        compile_model(tmp_path / "d.onnx", "riscv", tmp_path / "x.so")
+    with pytest.raises(CompileError, match=r"input 'input' has symbolic dims \['N', 1, 'H', 'W'\]"):
+        compile_model(tmp_path / "d.onnx", "x86", tmp_path / "d.so", measure=False)
+    with pytest.raises(CompileError, match=r"input 'input': shape \[1, 3, 8, 8\] contradicts"):
+        compile_model(tmp_path / "d.onnx", "x86", tmp_path / "d.so", input_shape=[1, 3, 8, 8])
+    built = compile_model(tmp_path / "d.onnx", "x86", tmp_path / "d.so", input_shape=[2, 1, 5, 7])
+    assert built.manifest["inputs"][0]["shape"] == [2, 1, 5, 7] and built.manifest["check"]["status"] == "passed"
+
+
+def test_the_gate_writes_nothing_beyond_tolerance(exported, tmp_path, monkeypatch):
+    from clicktrain_deploy.compile import check
+
+    real = check.onnxruntime_outputs
+    monkeypatch.setattr(check, "onnxruntime_outputs", lambda model, inputs: [r + 1e-2 for r in real(model, inputs)])
+    with pytest.raises(CompileError, match="disagrees with onnxruntime.*nothing written"):
+        compile_model(exported[1].path, "x86", tmp_path / "m.so", measure=False)
+    assert list(tmp_path.iterdir()) == []
+    built = compile_model(exported[1].path, "x86", tmp_path / "m.so", measure=False, check=False)
+    assert built.manifest["check"] == {"status": "skipped", "reason": "--no-check"}
 
 
 def test_metadata_that_contradicts_the_weights_stops_the_build(exported, tmp_path):
-    from onnx import numpy_helper
-
-    from clicktrain_deploy.passes.onnx_passes import read_metadata
-
     model = onnx.load(str(exported[1].path))
     entry = read_metadata(model).layers[0]
     tensor = next(t for t in model.graph.initializer if t.name == entry.initializer)
@@ -108,39 +145,84 @@ def test_layout_follows_the_models_block_size():
     assert arm.layout_for([]) == arm.dense_layout
 
 
-def test_maxpool_between_convs_stays_blocked_and_matches_onnxruntime(tmp_path):
-    """A VGG-like graph without metadata: conv-relu, 2x2 max pool (odd 7x9 map), conv-relu, pool, Gemm."""
-    rng = np.random.default_rng(0)
-    tensors = {"w1": rng.standard_normal((16, 3, 3, 3)), "b1": rng.standard_normal(16),
-               "w2": rng.standard_normal((20, 16, 3, 3)), "b2": rng.standard_normal(20),
-               "fc": rng.standard_normal((10, 20)), "fcb": rng.standard_normal(10)}
-    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2],
-                              ceil_mode=1),
-             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c2"], ["r2"]),
-             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "vgg", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 7, 9])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])],
-        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    onnx.save(model, tmp_path / "vgg.onnx")
-    built = compile_model(tmp_path / "vgg.onnx", "x86", tmp_path / "vgg.so", measure=False)
-    assert [l["kernel"] for l in built.manifest["layers"]] == ["dense", "dense", "maxpool", "avgpool", "dense"]
-    from tvm import relax
+# -- models no project code wrote ------------------------------------------------------------
+class _SqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, channels // 4, 1), nn.Conv2d(channels // 4, channels, 1)
 
-    from clicktrain_deploy.compile.lower import lower_onnx
-    from clicktrain_deploy.compile.targets import TARGETS
+    def forward(self, x):
+        return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
 
-    module, _, _ = lower_onnx(model, None, TARGETS.get("x86")())
-    kernels = []
-    relax.analysis.post_order_visit(module["main"], lambda e: kernels.append(e.args[0].name_hint.rstrip(
-        "0123456789")) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
-    assert kernels == ["pack", "conv", "maxpool", "conv", "avgpool", "dense"]  # no unpack/pack in between
-    image = rng.standard_normal((1, 3, 7, 9)).astype(np.float32)
-    expected = onnxruntime_session(model.SerializeToString()).run(None, {"input": image})[0]
-    np.testing.assert_allclose(run_on_host(built.library, image), expected, atol=1e-4, rtol=1e-4)
+
+class _TinyMobileNet(nn.Module):
+    """Inverted residuals with depthwise convs, ReLU6, HardSwish, SiLU, squeeze-excite, BN unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.expand = nn.Sequential(nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU6())
+        self.se = _SqueezeExcite(48)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 5, 2, 2, groups=16), nn.SiLU(), nn.Conv2d(16, 24, 1), nn.SiLU())
+        self.grouped = nn.Conv2d(24, 24, 3, 1, 2, dilation=2, groups=4)
+        self.head = nn.Linear(24, 7)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.depthwise(self.expand(x))))
+        x = torch.sigmoid(self.grouped(self.down(x)))
+        return torch.softmax(self.head(x.mean((2, 3))), 1)
+
+
+class _TinyImageNetResNet(nn.Module):
+    """ImageNet-style: 7x7 stride-2 stem, padded 3x3 max pool, basic blocks with a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1))
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1))
+        self.shortcut = nn.Conv2d(16, 32, 1, 2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a(x))
+        x = torch.relu(self.b(x) + self.shortcut(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _export_foreign(model: nn.Module, path, shape, opset: int, dynamic: bool = True) -> None:
+    torch.manual_seed(0)
+    for module in model.modules():  # trained-looking BN statistics, so folding them matters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    torch.onnx.export(model.eval(), torch.randn(*shape), str(path), dynamo=False, opset_version=opset,
+                      input_names=["image"], do_constant_folding=False,
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}} if dynamic else None)
+
+
+@pytest.mark.parametrize("target", ["x86", "cortex-a72"])
+@pytest.mark.parametrize("net, opset", [(_TinyMobileNet, 13), (_TinyImageNetResNet, 11)])
+def test_foreign_torch_exports_compile_and_match_onnxruntime(net, opset, target, tmp_path):
+    path = tmp_path / "foreign.onnx"
+    _export_foreign(net(), path, (1, 3, 40, 40), opset)
+    built = compile_model(path, target, tmp_path / "foreign.so", input_shape=[1, 3, 37, 45])
+    assert built.manifest["check"]["status"] == "passed", built.manifest["check"]
+    convs = {layer["layer"]: layer for layer in built.manifest["layers"]}
+    assert all(layer["kernel"] in ("dense", "depthwise") for layer in convs.values())  # every conv is ours
+    _assert_scheduled(built.manifest)
+    if net is _TinyMobileNet:
+        epilogues = [layer["attributes"]["epilogue"] for layer in convs.values()]
+        assert [["clip", 0.0, 6.0]] in epilogues and [["silu"]] in epilogues and [["sigmoid"]] in epilogues
+        assert any(e and e[0][0] == "hardswish" for e in epilogues) and any(e and e[0][0] == "hardsigmoid" for e in epilogues)
+        assert sum(layer["kernel"] == "depthwise" for layer in convs.values()) == 2
+    if target == "x86":  # a second input, checked here against onnxruntime
+        image = np.random.default_rng(1).standard_normal((1, 3, 37, 45)).astype(np.float32)
+        expected = onnxruntime_session(path.read_bytes()).run(None, {"image": image})[0]
+        np.testing.assert_allclose(run_images(built.library, image), expected, atol=1e-4, rtol=1e-4)
