@@ -232,6 +232,7 @@ def test_prunetrain_ranks_fix_one_coefficient_from_the_global_loss_and_diverged_
 
 
 def _launch(recipe: dict, base, **env) -> subprocess.CompletedProcess:
+    base.mkdir(parents=True)
     recipe_file = base / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     return subprocess.run(
