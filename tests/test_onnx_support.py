@@ -174,7 +174,10 @@ OPSET_CASES = {
 
 
 def test_every_refused_opset_has_a_case():
-    assert {(op, first) for op, spans in OPSETS.items() for first, _, _, _ in spans} == set(OPSET_CASES)
+    spans = [(op, first, last) for op, ops in OPSETS.items() for first, last, _, _ in ops]
+    for op, first, last in spans:
+        assert any(o == op and first <= v <= last for o, v in OPSET_CASES), (op, first, last)
+    assert len(spans) == len(OPSET_CASES)
 
 
 @pytest.mark.parametrize("op,opset", sorted(OPSET_CASES), ids=lambda v: str(v))
@@ -219,14 +222,14 @@ CONDITION_CASES = {
                                             opset=7), 7, "scales=[1, 1, 1.5, 2]"),
     ("Resize", "scales_and_sizes"): (one("Resize", {}, ["x", "roi", "sc", "sz"],
                                          inits={"roi": np.zeros(0, np.float32), "sc": np.zeros(0, np.float32),
-                                                "sz": i64(1, 2, 14, 14)}, opset=11), 11, "both scales 'sc' and sizes 'sz'"),
+                                                "sz": i64(1, 2, 14, 14)}, opset=11), 11, "scales 'sc' together with sizes 'sz'"),
     ("Resize", "align_corners_size1"): (one("Resize", dict(mode="linear", coordinate_transformation_mode="align_corners"),
                                             ["x", "", "", "sz"], inits={"sz": i64(1, 2, 1, 4)}), 17,
                                         "align_corners with sizes=[1, 2, 1, 4]"),
     ("LayerNormalization", "gamma_rank"): (one("LayerNormalization", dict(axis=-2), ["x", "g", "b"], inits=LN),
                                            17, "axis=-2 with a rank-1 Scale on a rank-4 input"),
     ("Dropout", "training_mode"): (one("Dropout", {}, ["x", "r", "t"], inits={"r": f32(0.5), "t": np.array(True)},
-                                       opset=13), 13, "input training_mode 't'"),
+                                       opset=13), 13, "training_mode input 't'"),
     ("Softmax", "legacy_rank"): (one("Softmax", dict(axis=1), ["x"], x=None, opset=11), 11, "unknown rank"),
     ("LogSoftmax", "legacy_rank"): (one("LogSoftmax", dict(axis=1), ["x"], x=None, opset=11), 11, "unknown rank"),
     ("Pow", "exponent_dtype"): (one("Pow", {}, ["x", "e"], inits={"e": np.array(2, np.int64)}), 17,
@@ -332,16 +335,15 @@ def _case(tag, op, inputs, attrs=None, n_out=1):
 def _pools():
     cases = []
     for op in ("MaxPool", "AveragePool"):
-        for k in (3, 2):
-            for pads in (None, [1, 1, 1, 1], [0, 1, 1, 0]):
-                for ceil in (0, 1):
-                    for cip in ((0, 1) if op == "AveragePool" and pads else (None,)):
-                        a = dict(kernel_shape=[k, k], strides=[2, 2], ceil_mode=ceil)
-                        if pads:
-                            a["pads"] = pads
-                        if cip is not None:
-                            a["count_include_pad"] = cip
-                        cases.append(_case(f"{op} k{k}s2 pads{pads} ceil{ceil} cip{cip}", op, ["x"], a))
+        for k, pads in ((3, None), (2, None), (3, [1, 1, 1, 1]), (2, [1, 1, 1, 1]), (3, [0, 1, 1, 0])):
+            for ceil in (0, 1):
+                for cip in ((0, 1) if op == "AveragePool" and pads else (None,)):
+                    a = dict(kernel_shape=[k, k], strides=[2, 2], ceil_mode=ceil)
+                    if pads:
+                        a["pads"] = pads
+                    if cip is not None:
+                        a["count_include_pad"] = cip
+                    cases.append(_case(f"{op} k{k}s2 pads{pads} ceil{ceil} cip{cip}", op, ["x"], a))
         for ap in ("SAME_UPPER", "VALID"):
             cases.append(_case(f"{op} {ap}", op, ["x"], dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad=ap)))
     cases.append(_case("MaxPool SAME_LOWER s1", "MaxPool", ["x"], dict(kernel_shape=[2, 2], auto_pad="SAME_LOWER")))
@@ -452,22 +454,21 @@ def _elementwise():
              _case("PRelu channel", "PRelu", ["x", "slopec"]), _case("Elu", "Elu", ["x"], dict(alpha=0.7)),
              _case("Selu", "Selu", ["x"], dict(alpha=1.2, gamma=0.9)),
              _case("HardSigmoid", "HardSigmoid", ["x"], dict(alpha=0.3, beta=0.4)), _case("HardSwish", "HardSwish", ["x"]),
-             _case("Sigmoid", "Sigmoid", ["x"]), _case("Tanh", "Tanh", ["x"]), _case("Erf", "Erf", ["x"]),
              _case("Gelu", "Gelu", ["x"]), _case("Gelu tanh", "Gelu", ["x"], dict(approximate="tanh")),
-             _case("Sqrt", "Sqrt", ["xp"]), _case("Pow", "Pow", ["xp", "two"]), _case("Div", "Div", ["x", "xp"]),
+             _case("Pow", "Pow", ["xp", "two"]), _case("Div", "Div", ["x", "xp"]),
              _case("ReduceMean", "ReduceMean", ["x", "ax"], dict(keepdims=0)), _case("ReduceMax", "ReduceMax", ["x", "ax"]),
              _case("ReduceSum noop", "ReduceSum", ["x"], dict(noop_with_empty_axes=1)),
              _case("ArgMax last", "ArgMax", ["xr"], dict(axis=-1, keepdims=0, select_last_index=1)),
              _case("TopK smallest", "TopK", ["x", "k"], dict(largest=0, axis=1), n_out=2),
              _case("Reshape", "Reshape", ["x", "rs"]), _case("Tile", "Tile", ["x", "rep"]),
              _case("Expand", "Expand", ["xs", "ex"]), _case("Gather", "Gather", ["x", "gi"], dict(axis=3)),
-             _case("Mean", "Mean", ["x", "xp", "half"]), _case("Min", "Min", ["x", "xp"]),
-             _case("Where", "Where", ["c", "x", "xp"]), _case("DepthToSpace CRD", "DepthToSpace", ["xd"],
+             _case("Mean", "Mean", ["x", "xp", "half"]),
+             _case("Greater", "Greater", ["x", "xp"]), _case("Where", "Where", ["y25_0", "x", "xp"]), _case("DepthToSpace CRD", "DepthToSpace", ["xd"],
                                                              dict(blocksize=2, mode="CRD")),
              _case("SpaceToDepth", "SpaceToDepth", ["xd"], dict(blocksize=2)), _case("Dropout", "Dropout", ["x"])]
     x = rnd(2, 3, 4, 5)
     feeds = {"x": x, "xp": np.abs(rnd(2, 3, 4, 5)) + 0.1, "xr": np.round(x), "xs": rnd(1, 3, 1, 5),
-             "c": x > 0, "xd": rnd(1, 8, 2, 4)}
+             "xd": rnd(1, 8, 2, 4)}
     return dict(feeds=feeds, inits=inits, opset=20, cases=cases)
 
 

@@ -365,7 +365,7 @@ def _cond_fractional_scales(node, attrs, ctx):
         name = _inp(node, 2)
         scales = ctx.consts.get(name) if name else None
         if name and scales is None:
-            return f"input scales {name!r} is not a constant"
+            return f"a scales input {name!r} that is not a constant"
     if scales is None or len(scales) == 0:
         return None
     scales = [float(s) for s in np.asarray(scales).reshape(-1)]
@@ -380,7 +380,7 @@ def _cond_fractional_scales(node, attrs, ctx):
 
 def _cond_scales_and_sizes(node, attrs, ctx):
     if _inp(node, 2) and _inp(node, 3):
-        return f"both scales {node.input[2]!r} and sizes {node.input[3]!r} given"
+        return f"scales {node.input[2]!r} together with sizes {node.input[3]!r}"
     return None
 
 
@@ -410,7 +410,7 @@ def _cond_training_mode(node, attrs, ctx):
         return None
     value = ctx.consts.get(name)
     if value is None or bool(np.asarray(value).any()):
-        return f"input training_mode {name!r} is not a constant false"
+        return f"a training_mode input {name!r} that is not a constant false"
     return None
 
 
@@ -477,7 +477,9 @@ def _check_node(node, ctx, where, tvm_ops):
             continue
         rule = rules[a.name]
         if rule is not None and value not in rule.safe:
-            ctx.problems.append(f"{head}: attribute {a.name}={_fmt(value)} is not supported "
+            shown = _fmt(value) + (f" ({_type_name(value)})" if op == "Cast" and a.name == "to"
+                                   else "")
+            ctx.problems.append(f"{head}: attribute {a.name}={shown} is not supported "
                                 f"({KIND_TEXT[rule.kind]}: {rule.why})")
     for index, (name, kind, why) in OUTPUTS.get(op, {}).items():
         if len(node.output) > index and node.output[index]:
