@@ -286,7 +286,7 @@ class _ConvRewriter(relax.PyExprMutator):
         entry = None
         if chain is not None and weight.shape[2:] == (3, 3) and int(attrs.groups) == 1:
             entry = self._layer(weight, chain.index, name)
-        return ConvLayer(name, weight, bias.astype(np.float32), source,
+        return ConvLayer(entry.module if entry is not None else name, weight, bias.astype(np.float32), source,
                          tuple(int(v) for v in attrs.strides), tuple(int(v) for v in attrs.padding),
                          tuple(int(v) for v in attrs.dilation), int(attrs.groups),
                          chain.steps if chain is not None else (), entry)
