@@ -64,7 +64,8 @@ def environment() -> dict:
 
 def host_latency(onnx_path: str | Path, libraries: dict[str, str | Path], work_dir: str | Path, threads: int, *,
                  torch_model: dict | None = None, runtimes: list[str] | None = None, layers: bool = True,
-                 rounds: int = ROUNDS, samples: int = SAMPLES, spinning: bool = True,
+                 rounds: int = ROUNDS, samples: int = SAMPLES, spinning: bool = True, shared: bool = False,
+                 env: dict[str, str] | None = None,
                  on_error: Callable[[str, Exception], None] | None = None) -> dict[str, dict]:
     """Latency of each runtime at ``threads`` threads, each alone in its own process.
 
@@ -72,7 +73,9 @@ def host_latency(onnx_path: str | Path, libraries: dict[str, str | Path], work_d
     ``torch_model``: how torch gets the whole model (``bench.host.load_torch_model``; None: per
     layer only); ``runtimes``: which of ours_*, onnxruntime, torch to measure (default all).
     Returns {runtime: {"model_ms", "model", "floors_us", "floors", "layers_us", "layers"}} (the
-    plain figures are medians; the others ``Timing`` dicts).
+    plain figures are medians; the others ``Timing`` dicts). ``shared``: all runtimes in one
+    process instead (how not to measure threads; kept for the experiment that shows it); ``env``:
+    extra worker environment; ``spinning``: onnxruntime's allow_spinning.
     """
     names = runtimes or [*libraries, "onnxruntime", "torch"]
     common = {"onnx": str(onnx_path), "work_dir": str(work_dir), "layers": layers, "spinning": spinning}
@@ -84,7 +87,9 @@ def host_latency(onnx_path: str | Path, libraries: dict[str, str | Path], work_d
         if name == "torch" and torch_model:
             spec["torch"] = torch_model
         groups[name] = [spec]
-    timings = measure(groups, threads, rounds, samples, on_error=on_error)
+    if shared:
+        groups = {"shared": [spec for specs in groups.values() for spec in specs]}
+    timings = measure(groups, threads, rounds, samples, on_error=on_error, env=env)
     result: dict[str, dict] = {}
     for key, timing in timings.items():
         runtime, _, what = key.partition("/")

@@ -12,15 +12,16 @@ during the run hits every runtime alike, and no two runtimes ever run at the sam
 
 Protocol: the worker reads one JSON request line (``{"threads", "runtimes": [spec, ...]}``),
 answers ``{"calls": {key: k}}``; then for each ``{"samples": S}`` line answers
-``{"per_call_s": {key: [...]}}``; an empty line ends it. Keys are ``runtime/what``: ``model``,
+``{"per_call_s": {key: [...]}, "cpu_s": {key: process CPU seconds}}``; an empty line ends it. Keys are ``runtime/what``: ``model``,
 ``floor:model``, ``floor:op``, ``layer:<name>``.
 
 A runtime spec: ``{"runtime": name, "onnx": path, "work_dir": path, "layers": bool}`` plus
 ``"library"`` (ours: a host build with its manifest beside it), ``"torch"`` (torch:
 ``{"checkpoint": path}`` or ``{"factory": "module:function" | "file.py:function", "kwargs": {},
 "state_dict": path}``; without it only the per-layer and floor callables), ``"spinning"``
-(onnxruntime: allow_spinning, default on). Runtime names: ``ours_*`` (any TVM host build),
-``onnxruntime``, ``torch``.
+(onnxruntime: allow_spinning, default on), ``"env"`` (variables for its worker's environment),
+``"label"`` (the key prefix instead of the runtime name, to time one runtime in several settings
+side by side). Runtime names: ``ours_*`` (any TVM host build), ``onnxruntime``, ``torch``.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ class Worker:
                                f"{self.stderr.read()[-4000:]}")
         return json.loads(line)
 
-    def round(self, samples: int) -> dict[str, list[float]]:
-        return self._ask({"samples": samples})["per_call_s"]
+    def round(self, samples: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+        answer = self._ask({"samples": samples})
+        return answer["per_call_s"], answer["cpu_s"]
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -86,30 +88,36 @@ class Worker:
 
 
 def measure(groups: dict[str, list[dict]], threads: int, rounds: int = ROUNDS, samples: int = SAMPLES,
-            min_sample_s: float = MIN_SAMPLE_S, on_error: Callable[[str, Exception], None] | None = None
-            ) -> dict[str, Timing]:
+            min_sample_s: float = MIN_SAMPLE_S, on_error: Callable[[str, Exception], None] | None = None,
+            env: dict[str, str] | None = None) -> dict[str, Timing]:
     """Time every callable of every group, one worker process per group (``{group: [spec, ...]}``:
     one spec per group isolates each runtime; all specs in one group share a process), in
     ``rounds`` interleaved rounds of ``samples`` samples. Returns {``runtime/what``: Timing}.
-    A group whose worker fails to start is reported to ``on_error`` (or raised) and left out."""
+    A group whose worker fails to start is reported to ``on_error`` (or raised) and left out.
+    ``env``: variables set in every worker beyond :func:`thread_env` (experiments)."""
     workers: dict[str, Worker] = {}
     try:
         for name, specs in groups.items():
             try:
-                workers[name] = Worker(specs, threads, min_sample_s)
+                spec_env = {k: v for spec in specs for k, v in spec.get("env", {}).items()}
+                workers[name] = Worker(specs, threads, min_sample_s, {**thread_env(threads), **(env or {}), **spec_env})
             except RuntimeError as exc:
                 if on_error is None:
                     raise
                 on_error(name, exc)
         per_call: dict[str, list[float]] = {}
+        cpu: dict[str, float] = {}
         names = list(workers)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                for key, values in workers[name].round(samples).items():
-                    per_call.setdefault(key, []).extend(values)
+                values, seconds = workers[name].round(samples)
+                for key in values:
+                    per_call.setdefault(key, []).extend(values[key])
+                    cpu[key] = cpu.get(key, 0.0) + seconds[key]
                 time.sleep(HANDOFF_PAUSE_S)
         calls = {key: k for worker in workers.values() for key, k in worker.calls.items()}
-        return {key: Timing.from_samples(values, calls[key]) for key, values in per_call.items()}
+        return {key: Timing.from_samples(values, calls[key], cpu[key] / (len(values) * calls[key]))
+                for key, values in per_call.items()}
     finally:
         for worker in workers.values():
             worker.close()
@@ -127,7 +135,7 @@ def serve() -> None:
     fns: dict[str, Callable[[], object]] = {}
     for spec in request["runtimes"]:
         for key, fn in build_callables(spec, threads).items():
-            fns[f"{spec['runtime']}/{key}"] = fn
+            fns[f"{spec.get('label', spec['runtime'])}/{key}"] = fn
     min_sample_s = request.get("min_sample_s", MIN_SAMPLE_S)
     calls = {key: calls_per_sample(fn, min_sample_s) for key, fn in fns.items()}
     _answer({"calls": calls})
@@ -135,7 +143,12 @@ def serve() -> None:
         if not line.strip():
             break
         samples = json.loads(line)["samples"]
-        _answer({"per_call_s": {key: run_samples(fn, calls[key], samples) for key, fn in fns.items()}})
+        per_call, cpu = {}, {}
+        for key, fn in fns.items():
+            started = time.process_time()
+            per_call[key] = run_samples(fn, calls[key], samples)
+            cpu[key] = time.process_time() - started
+        _answer({"per_call_s": per_call, "cpu_s": cpu})
 
 
 def _answer(message: dict) -> None:

@@ -78,7 +78,9 @@ def arm_table(record: dict) -> list[str]:
 
 def to_markdown(record: dict, title: str = "") -> str:
     """Whole-model table, floors, ARM table and the per-layer table at each thread count."""
-    env = record.get("environment", {})
+    env = record.get("environment") or next(
+        (entry["environment"] for per in record["timings"].values() for entry in per.values()
+         if entry.get("environment")), {})
     where = f"{env.get('cpu', 'this host')}, {env.get('cores', '?')} cores" if env else "this host"
     versions = ", ".join(f"{k} {env[k]}" for k in ("tvm", "onnxruntime", "torch") if env.get(k))
     lines = [f"{title}Measured {env.get('date', record.get('date', ''))} on {where}"
@@ -87,7 +89,7 @@ def to_markdown(record: dict, title: str = "") -> str:
              *whole_model_table(record), "",
              "Empty-call floor of each runtime (the same call path on a one-ReLU model; included, not "
              "subtracted, in every figure):", "", *floor_table(record)]
-    if record.get("arm"):
+    if record.get("arm", {}).get("ours_sparse") and record["arm"].get("ours_dense"):
         lines += ["", *arm_table(record)]
     for threads in record["timings"]:
         if not any(r.get("layers_us") for r in record["timings"][threads].values()):

@@ -53,7 +53,9 @@ def run_samples(fn: Callable[[], object], k: int, samples: int) -> list[float]:
 @dataclass(frozen=True)
 class Timing:
     """Per-call time of one callable: median of all samples, with quartiles and the fastest sample
-    (microseconds), ``calls`` back-to-back calls per sample, ``samples`` samples in all."""
+    (microseconds), ``calls`` back-to-back calls per sample, ``samples`` samples in all; ``cpu_us``:
+    the process's CPU time per call over those samples (every thread: above ``median_us`` x threads
+    when idle threads spin)."""
 
     median_us: float
     q1_us: float
@@ -61,12 +63,14 @@ class Timing:
     min_us: float
     calls: int
     samples: int
+    cpu_us: float | None = None  # process CPU time per call, all threads (where measured)
 
     @classmethod
-    def from_samples(cls, per_call_s: list[float], calls: int) -> Timing:
+    def from_samples(cls, per_call_s: list[float], calls: int, cpu_per_call_s: float | None = None) -> Timing:
         us = sorted(s * 1e6 for s in per_call_s)
         q1, _, q3 = statistics.quantiles(us, n=4, method="inclusive") if len(us) > 1 else (us[0],) * 3
-        return cls(statistics.median(us), q1, q3, us[0], calls, len(us))
+        return cls(statistics.median(us), q1, q3, us[0], calls, len(us),
+                   cpu_per_call_s * 1e6 if cpu_per_call_s is not None else None)
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
