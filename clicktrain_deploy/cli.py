@@ -18,6 +18,7 @@ from .train import load_checkpoint, restore_model, train as train_recipe
 app = typer.Typer(help="ClickTrain pattern pruning, from recipe to deployable model.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
+NOT_VALIDATED = 3  # exit status of `run` when a requested target could not be validated
 
 
 def report_table(report: SparsityReport) -> Table:
@@ -84,11 +85,17 @@ def run(
     until: Annotated[str | None, typer.Option(help="stop after this stage or kind (train, export, "
                                               "validate, compile, benchmark)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
+    require_all: Annotated[bool, typer.Option(
+        "--require-all/--allow-skipped",
+        help="exit 3 when a requested target could not be validated here (e.g. cuda without a "
+             "GPU); --allow-skipped exits 0 then, still listing what was skipped")] = True,
 ) -> None:
     """Train, export, validate, compile per target, validate each, benchmark and report.
 
-    Stages whose inputs did not change since the last run are skipped; an interrupted stage
-    resumes. Stops at the first failing stage, leaving earlier outputs as they were.
+    Stages whose inputs did not change since the last run are kept (cached); an interrupted
+    stage resumes. Stops at the first failing stage, leaving earlier outputs as they were.
+    Exit status: 0 all done and every requested target validated; 1 a stage failed; 2 bad
+    input; 3 (unless --allow-skipped) a target's validation was skipped (no device to run on).
     """
     from .pipeline import PipelineError, run_pipeline, summary_table
 
@@ -105,6 +112,13 @@ def run(
     console.print(summary_table(result))
     if result.folder.report.exists() and until is None:
         console.print(f"report: {result.folder.report}")
+    if result.unvalidated:
+        names = ", ".join(f"{o.name.partition(':')[2]} ({o.summary})" for o in result.unvalidated)
+        if require_all:
+            console.print(f"[bold red]error:[/] not validated: {names}; pass --allow-skipped to "
+                          "accept a run that validated fewer targets than requested", highlight=False)
+            raise typer.Exit(NOT_VALIDATED)
+        console.print(f"[bold yellow]warning:[/] not validated: {names} (--allow-skipped)", highlight=False)
 
 
 @app.command()
@@ -223,9 +237,15 @@ def compile_(
     output: Annotated[Path, typer.Option("--output", "-o", help=".so to write (manifest beside it)")],
     dense: Annotated[bool, typer.Option(help="ignore the pattern metadata: our dense build")] = False,
     arch: Annotated[str | None, typer.Option(help="GPU of a cuda target: sm_80, sm_86, sm_89, sm_90 (default)")] = None,
-    batch: Annotated[int, typer.Option(help="images per call, fixed at compile time (cuda targets)")] = 1,
+    batch: Annotated[int, typer.Option(help="images per call, fixed at compile time (a symbolic first dim)")] = 1,
+    input_shape: Annotated[list[str] | None, typer.Option(
+        "--input-shape", help="fixed shape of a symbolic input: N,C,H,W (one input) or NAME=N,C,H,W; repeatable")] = None,
+    check: Annotated[bool, typer.Option(help="run the library against onnxruntime on random inputs; "
+                                             "--no-check skips it (the manifest says so)")] = True,
 ) -> None:
-    """Compile an exported model with TVM into a deployable library and a JSON manifest."""
+    """Compile an ONNX model with TVM into a deployable library and a JSON manifest: every conv
+    with a constant weight on our generated kernels, everything else scheduled by TVM; the
+    library is checked against onnxruntime before it is written."""
     from .compile.build import compile_model
     from .compile.targets import CUDA_ARCHS, TARGETS
 
@@ -238,10 +258,33 @@ def compile_(
             target = f"cuda-{arch.replace('_', '')}"
         if target not in TARGETS:
             raise ClickTrainError(f"--target {target!r}: unknown; known: {', '.join(TARGETS.names())}")
-        result = compile_model(model, target, output, sparse=not dense, batch=batch)
+        result = compile_model(model, target, output, sparse=not dense, batch=batch,
+                               input_shape=parse_input_shapes(input_shape), check=check)
     except ClickTrainError as error:
         _fail(error)
-    kernels = [layer["kernel"] for layer in result.manifest["layers"] if layer["op"] == "conv"]
+    kernels = [layer["kernel"] for layer in result.manifest["layers"]]
     counts = ", ".join(f"{kernels.count(k)} {k}" for k in sorted(set(kernels)))
+    gate = result.manifest["check"]
+    said = f"check {gate['status']}" + (f" (max |diff| {gate['max_abs_diff']:.2g}, {gate['runtime']})"
+                                        if gate.get("max_abs_diff") is not None else f" ({gate['reason']})")
     console.print(f"wrote {result.library} and {result.library.with_suffix('.json').name} for "
-                  f"{result.manifest['target']} in {result.manifest['compile_seconds']:.1f}s; convs: {counts}")
+                  f"{result.manifest['target']} in {result.manifest['compile_seconds']:.1f}s; convs: {counts}; {said}")
+
+
+def parse_input_shapes(values: list[str] | None) -> dict[str, list[int]] | list[int] | None:
+    """``N,C,H,W`` (the only input) or ``NAME=N,C,H,W`` entries -> compile_model's input_shape."""
+    if not values:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise ClickTrainError(f"--input-shape {value!r}: expected N,C,H,W or NAME=N,C,H,W") from None
+        if not name:
+            if len(values) > 1:
+                raise ClickTrainError("--input-shape: name each input (NAME=N,C,H,W) when giving several")
+            return shape
+        shapes[name] = shape
+    return shapes
