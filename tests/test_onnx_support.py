@@ -336,6 +336,8 @@ def _pools():
     cases = []
     for op in ("MaxPool", "AveragePool"):
         for k, pads in ((3, None), (2, None), (3, [1, 1, 1, 1]), (2, [1, 1, 1, 1]), (3, [0, 1, 1, 0])):
+            if op == "AveragePool" and not pads:
+                continue
             for ceil in (0, 1):
                 for cip in ((0, 1) if op == "AveragePool" and pads else (None,)):
                     a = dict(kernel_shape=[k, k], strides=[2, 2], ceil_mode=ceil)
@@ -399,10 +401,12 @@ def _resizes(opset):
     cases = []
     for mode in ("nearest", "linear"):
         for coord in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"):
-            for sc in ("s2", "sz"):
+            for sc in ("s2", "sz") if opset >= 13 else ("s2",):
                 ins = ["x", "", sc] if sc == "s2" else ["x", "", "", sc]
                 cases.append(_case(f"Resize {mode} {coord} {sc}", "Resize", ins,
                                    dict(mode=mode, coordinate_transformation_mode=coord)))
+    if opset < 13:  # Resize-11: roi and scales are required inputs (empty tensors here)
+        return dict(feeds={"x": rnd(1, 2, 5, 6)}, inits=inits, opset=opset, cases=cases)
     for nearest_mode in ("round_prefer_ceil", "floor", "ceil"):
         cases.append(_case(f"Resize nearest {nearest_mode}", "Resize", ["x", "", "", "sz"],
                            dict(mode="nearest", nearest_mode=nearest_mode)))
@@ -452,7 +456,6 @@ def _elementwise():
              _case("LayerNormalization axis -2", "LayerNormalization", ["x", "g45"], dict(axis=-2)),
              _case("LeakyRelu", "LeakyRelu", ["x"], dict(alpha=0.3)), _case("PRelu scalar", "PRelu", ["x", "slope1"]),
              _case("PRelu channel", "PRelu", ["x", "slopec"]), _case("Elu", "Elu", ["x"], dict(alpha=0.7)),
-             _case("Selu", "Selu", ["x"], dict(alpha=1.2, gamma=0.9)),
              _case("HardSigmoid", "HardSigmoid", ["x"], dict(alpha=0.3, beta=0.4)), _case("HardSwish", "HardSwish", ["x"]),
              _case("Gelu", "Gelu", ["x"]), _case("Gelu tanh", "Gelu", ["x"], dict(approximate="tanh")),
              _case("Pow", "Pow", ["xp", "two"]), _case("Div", "Div", ["x", "xp"]),
@@ -463,22 +466,45 @@ def _elementwise():
              _case("Reshape", "Reshape", ["x", "rs"]), _case("Tile", "Tile", ["x", "rep"]),
              _case("Expand", "Expand", ["xs", "ex"]), _case("Gather", "Gather", ["x", "gi"], dict(axis=3)),
              _case("Mean", "Mean", ["x", "xp", "half"]),
-             _case("Greater", "Greater", ["x", "xp"]), _case("Where", "Where", ["y25_0", "x", "xp"]), _case("DepthToSpace CRD", "DepthToSpace", ["xd"],
+             _case("Greater", "Greater", ["x", "xp"]), _case("Where", "Where", ["<Greater>", "x", "xp"]), _case("DepthToSpace CRD", "DepthToSpace", ["xd"],
                                                              dict(blocksize=2, mode="CRD")),
              _case("SpaceToDepth", "SpaceToDepth", ["xd"], dict(blocksize=2)), _case("Dropout", "Dropout", ["x"])]
+    greater = next(i for i, c in enumerate(cases) if c[0] == "Greater")
+    cases = [(t, op, [f"y{greater}_0" if n == "<Greater>" else n for n in ins], a, k) for t, op, ins, a, k in cases]
     x = rnd(2, 3, 4, 5)
     feeds = {"x": x, "xp": np.abs(rnd(2, 3, 4, 5)) + 0.1, "xr": np.round(x), "xs": rnd(1, 3, 1, 5),
              "xd": rnd(1, 8, 2, 4)}
     return dict(feeds=feeds, inits=inits, opset=20, cases=cases)
 
 
+def _misc():
+    inits = dict(sp=i64(1, 3), st=i64(-1), en=i64(-100), ax=i64(3), stp=i64(-1), sq=i64(1), usq=i64(0, -1),
+                 w=rnd(4, 3), cshape=i64(2, 4))
+    cases = [_case("Split sizes", "Split", ["x", "sp"], dict(axis=3), n_out=2),
+             _case("Slice reversed", "Slice", ["x", "st", "en", "ax", "stp"]),
+             _case("Squeeze", "Squeeze", ["xs", "sq"]), _case("Unsqueeze", "Unsqueeze", ["x", "usq"]),
+             _case("Transpose", "Transpose", ["x"], dict(perm=[0, 3, 1, 2])), _case("Cast", "Cast", ["x"], dict(to=TensorProto.INT32)),
+             _case("Identity", "Identity", ["x"]), _case("Equal", "Equal", ["y5_0", "y5_0"]), _case("Less", "Less", ["x", "x2"]),
+             _case("Add", "Add", ["x", "x2"]), _case("Sum", "Sum", ["x", "x2", "x"]), _case("Max", "Max", ["x", "x2"]),
+             _case("Exp", "Exp", ["x"]),
+             _case("MatMul", "MatMul", ["x", "w"]),
+             _case("ConstantOfShape", "ConstantOfShape", ["cshape"], dict(value=numpy_helper.from_array(f32(1.5))))]
+    return dict(feeds={"x": rnd(2, 3, 2, 4), "x2": rnd(2, 3, 2, 4), "xs": rnd(2, 1, 3)}, inits=inits, opset=13,
+                cases=cases)
+
+
+def _upsample():
+    cases = [_case("Upsample linear", "Upsample", ["x"], dict(mode="linear", scales=[1.0, 1.0, 2.0, 3.0]))]
+    return dict(feeds={"x": rnd(1, 2, 5, 6)}, opset=8, cases=cases)
+
+
 GROUPS = {
     "pools": _pools, "convs": _convs, "conv_transposes": _conv_transposes,
-    "gemm13": lambda: _gemms(13), "gemm9": lambda: _gemms(9),
+    "gemm13": lambda: _gemms(13),
     "resize11": lambda: _resizes(11), "resize19": lambda: _resizes(19),
     "softmax11": lambda: _softmaxes(11), "softmax13": lambda: _softmaxes(13),
     "pads_concats_flattens": _pads_concats_flattens, "clip6": lambda: _clips(6), "clip11": lambda: _clips(11),
-    "elementwise": _elementwise,
+    "elementwise": _elementwise, "misc": _misc, "upsample8": _upsample,
 }
 
 
