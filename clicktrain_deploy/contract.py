@@ -72,20 +72,6 @@ class MetadataError(ClickTrainError):
     """Pattern metadata is malformed, of an unknown version, or contradicts the weights."""
 
 
-class _Array(np.ndarray):
-    """TRANSITIONAL (issue 12): a numpy array that also answers ``.numpy()`` (with the plain
-    array), as the torch tensors of the metadata did. It keeps the callers written for the
-    torch-typed metadata (``compile/lower.py``, ``passes/relax_passes.py``) working until they are
-    switched to this module; remove it, and ``_compat``, with them."""
-
-    def numpy(self) -> np.ndarray:
-        return self.view(np.ndarray)
-
-
-def _compat(array: np.ndarray) -> np.ndarray:
-    return array.view(_Array)  # TRANSITIONAL: see _Array; becomes ``return array``
-
-
 # --- patterns ----------------------------------------------------------------------------------
 
 def parse_pattern(text: str) -> np.ndarray:
@@ -142,7 +128,7 @@ class LayerMask:
     pattern_ids: np.ndarray
 
     def __post_init__(self) -> None:
-        self.pattern_ids = _compat(np.asarray(self.pattern_ids, dtype=np.int64))
+        self.pattern_ids = np.asarray(self.pattern_ids, dtype=np.int64)
 
     @property
     def in_channels(self) -> int:
@@ -150,12 +136,11 @@ class LayerMask:
 
     def kernel_pattern_ids(self) -> np.ndarray:
         """Pattern id of every kernel: int64 (C_out, C_in), ``REMOVED`` for removed kernels."""
-        ids = np.repeat(np.asarray(self.pattern_ids), self.block_size, axis=0)[: self.out_channels]
-        return _compat(ids)
+        return np.repeat(self.pattern_ids, self.block_size, axis=0)[: self.out_channels]
 
     def dense(self, library) -> np.ndarray:
         """The 0/1 weight mask, float32 (C_out, C_in, 3, 3); ``library`` bool (K, 9)."""
-        ids = np.asarray(self.kernel_pattern_ids())
+        ids = self.kernel_pattern_ids()
         taps = np.asarray(library, dtype=bool)[np.maximum(ids, 0)] & (ids != REMOVED)[..., None]
         return taps.reshape(self.out_channels, self.in_channels, 3, 3).astype(np.float32)
 
@@ -167,7 +152,7 @@ class LayerMask:
 
     def kept_fraction(self) -> float:
         """Share of kernels kept (not removed)."""
-        kept = ((np.asarray(self.pattern_ids) != REMOVED) * self.block_sizes()[:, None]).sum()
+        kept = ((self.pattern_ids != REMOVED) * self.block_sizes()[:, None]).sum()
         return float(kept) / (self.out_channels * self.in_channels)
 
 
@@ -195,7 +180,7 @@ class PatternMetadata:
     layers: list[LayerEntry]
 
     def __post_init__(self) -> None:
-        self.library = _compat(np.asarray(self.library))
+        self.library = np.asarray(self.library)
 
     def to_json(self) -> str:
         layers = []
@@ -207,7 +192,7 @@ class PatternMetadata:
                 "pattern_ids": base64.b64encode(zlib.compress(ids.tobytes(), 9)).decode(),
             })
         return json.dumps({"schema": SCHEMA, "version": VERSION,
-                           "library": [format_pattern(p) for p in np.asarray(self.library)],
+                           "library": [format_pattern(p) for p in self.library],
                            "layers": layers}, separators=(",", ":"))
 
 

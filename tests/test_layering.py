@@ -25,33 +25,64 @@ SOURCES = {REPO / "clicktrain_deploy": PACKAGE, REPO / "passes": f"{PACKAGE}.pas
 STAGES = ("data", "models", "pruning", "train", "export", "compile", "passes", "validate", "bench",
           "report", "pipeline", "cli")
 
-# Run in a fresh interpreter: import one module and say whether torch came with it, and from where.
+# Run in a fresh interpreter: import one module and report every attempt to import torch (who
+# asked, and the stack). With "block", torch behaves as if it were not installed, so a module of
+# ours that needs it fails to import, while third-party optional probes (``tvm_ffi`` tries
+# ``import torch`` whenever it loads, for DLPack) fall back as they do on a machine without torch.
 _PROBE = r"""
 import importlib, json, sys, traceback
 
+block = sys.argv[2] == "block"
+attempts = []
+
 class Watch:
-    stack = None
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and Watch.stack is None:
-            Watch.stack = "".join(traceback.format_stack(limit=40)[:-1])
+        if name != "torch" and not name.startswith("torch."):
+            return None
+        frames = [f for f in traceback.extract_stack()[:-1] if "importlib" not in f.filename]
+        attempts.append({"importer": frames[-1].filename,
+                         "stack": "".join(traceback.format_list(frames[-12:]))})
+        if block:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by test_layering)", name=name)
         return None
 
 sys.meta_path.insert(0, Watch())
 importlib.import_module(sys.argv[1])
-print(json.dumps({"torch": "torch" in sys.modules, "stack": Watch.stack}))
+print(json.dumps({"torch_loaded": "torch" in sys.modules, "attempts": attempts}))
 """
+
+
+def _probe(module: str, mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE, module, mode], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"import {module} with torch {mode}ed failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ours(attempts: list[dict]) -> list[dict]:
+    """Attempts made by a file of this repository (not by an installed third-party package)."""
+    return [a for a in attempts if Path(a["importer"]).resolve().is_relative_to(REPO)
+            and ".venv" not in Path(a["importer"]).resolve().relative_to(REPO).parts]
+
+
+def test_the_contract_loads_no_torch_at_all():
+    result = _probe("clicktrain_deploy.contract", "watch")
+    assert not result["torch_loaded"], "import clicktrain_deploy.contract loads torch:\n" + \
+        "\n".join(a["stack"] for a in result["attempts"])
 
 
 @pytest.mark.parametrize("module", ["clicktrain_deploy.contract", "clicktrain_deploy.compile.build",
                                     "clicktrain_deploy.compile.frontend"])
 def test_the_contract_and_the_compiler_import_no_torch(module):
+    """Our code asks for torch nowhere on the way, and the module imports without it (TVM's
+    ``tvm_ffi`` imports torch by itself where torch is installed, so sys.modules alone cannot
+    tell; blocking torch does)."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} does not exist yet (the compile frontend is being written, issue 12)")
-    done = subprocess.run([sys.executable, "-c", _PROBE, module], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not result["torch"], f"import {module} loads torch; first imported from:\n{result['stack']}"
+    result = _probe(module, "block")
+    ours = _ours(result["attempts"])
+    assert not ours, f"import {module} imports torch from our code:\n" + "\n".join(a["stack"] for a in ours)
+    assert not result["torch_loaded"]
 
 
 def _modules() -> dict[str, Path]:

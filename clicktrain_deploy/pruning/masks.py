@@ -41,7 +41,7 @@ class LayerMask:
 
     def kernel_pattern_ids(self) -> Tensor:
         """Pattern id of every kernel: int64 (C_out, C_in), ``REMOVED`` for removed kernels."""
-        return torch.from_numpy(np.asarray(self.to_contract().kernel_pattern_ids()))
+        return torch.from_numpy(self.to_contract().kernel_pattern_ids())
 
     def dense(self, library: Tensor) -> Tensor:
         """The 0/1 weight mask, float32 (C_out, C_in, 3, 3)."""
