@@ -7,17 +7,16 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort  # hard dependencies (pyproject): a broken install fails, never skips
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
 
 from clicktrain_deploy.compile.errors import CompileError
 from clicktrain_deploy.compile.onnx_support import (ATTRIBUTES, CONDITIONS, OPSETS, OUTPUTS,
                                                     check_supported)
-
-ort = pytest.importorskip("onnxruntime")
-tvm = pytest.importorskip("tvm")
-from tvm import relax  # noqa: E402
-from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
