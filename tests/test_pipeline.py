@@ -20,7 +20,9 @@ from onnx import numpy_helper
 
 from clicktrain_deploy.compile.targets import NEON_DENSE, NEON_SPARSE, TARGETS, TargetSpec
 from clicktrain_deploy.config import load_recipe
-from clicktrain_deploy.pipeline import PipelineError, run_pipeline
+from clicktrain_deploy.pipeline import STAGES as STAGE_KINDS, PipelineError, plan, run_pipeline
+from clicktrain_deploy.pipeline import state as pipeline_state
+from clicktrain_deploy.pipeline.runner import stage_digest
 from clicktrain_deploy.runfolder import RunFolder
 from clicktrain_deploy.validate import check_library, missing_device, runner_kind
 
@@ -77,7 +79,10 @@ def test_pipeline_trains_exports_compiles_validates_benchmarks_and_reports(pipel
     assert [o.name for o in result.outcomes] == STAGES
     assert set(actions(result).values()) == {"ran"}
     state = json.loads(folder.state.read_text())
-    assert all(s["status"] == "done" and len(s["inputs"]) == 64 for s in state["stages"].values())
+    # every record holds the inputs hash of what the stage read and ran, as recomputed now
+    planned = plan(load_recipe(folder.root.parent / "recipe.yaml"))
+    assert {s.name: (stage_digest(s, folder)[0], "done") for s in planned} == {
+        name: (s["inputs"], s["status"]) for name, s in state["stages"].items()}
     for runtime, reference, images in [("onnxruntime", "torch", 50), ("x86", "onnxruntime", 50),
                                        ("cortex-a72", "onnxruntime", 2)]:
         check = json.loads(folder.validation(runtime).read_text())
@@ -88,7 +93,13 @@ def test_pipeline_trains_exports_compiles_validates_benchmarks_and_reports(pipel
     assert set(x86["x86"]["1"]) >= {"ours_sparse", "ours_dense", "onnxruntime", "torch"}
     assert x86["flop_reduction_limit"] > 3
     arm = json.loads(folder.bench("cortex-a72").read_text())
-    assert 1.5 * arm["ours_sparse"] < arm["ours_dense"]  # deterministic instruction counts
+    # The README's figure: ARM instructions, our dense build / pattern-sparse = 5.96x, 75% of the
+    # benchmarked ResNet-20's 7.94x FLOP-reduction limit (benchmarks/results/compile_bar.md). This
+    # model is smaller-trained (2 epochs, 600 images) and its limit is its own, so the transferable
+    # claim is the share of its own limit. Instruction counts are exact and repeatable (one thread
+    # under qemu), so the margin is only for this model's different layers: at least 70% of its limit.
+    ratio = arm["ours_dense"] / arm["ours_sparse"]
+    assert ratio >= 0.70 * arm["flop_reduction_limit"], (ratio, arm["flop_reduction_limit"])
     html = folder.report.read_text()
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # self-contained
     assert "cortex-a72" in html and "FLOP-reduction limit" in html and "1x1 conv (shortcut projection)" in html
@@ -99,7 +110,7 @@ def test_unchanged_rerun_skips_every_stage(pipeline, tmp_path):
     library = first.folder.library("x86")
     before = library.stat().st_mtime_ns
     again = run(recipe, tmp_path)
-    assert set(actions(again).values()) == {"skipped"}
+    assert set(actions(again).values()) == {"cached"}
     assert library.stat().st_mtime_ns == before
 
 
@@ -107,7 +118,7 @@ def test_changed_sections_rerun_that_stage_and_downstream_only(copied, tmp_path)
     recipe, folder = copied
     # fewer targets: the kept target's stages are unchanged, only the report is redone
     fewer = run({**recipe, "deploy": {**recipe["deploy"], "targets": ["x86"]}}, tmp_path)
-    assert actions(fewer) == {**{s: "skipped" for s in STAGES if "cortex" not in s}, "report": "ran"}
+    assert actions(fewer) == {**{s: "cached" for s in STAGES if "cortex" not in s}, "report": "ran"}
     assert "cortex-a72" not in folder.report.read_text()
     # a new tolerance, the target back: every validation and the report; nothing compiled or measured
     tolerance = run({**recipe, "deploy": {**recipe["deploy"], "atol": 2e-4}}, tmp_path)
@@ -181,7 +192,7 @@ def test_failing_validation_stops_there_and_keeps_earlier_outputs(copied, tmp_pa
     with pytest.raises(PipelineError, match=r"stage validate:x86 failed: x86: disagrees with onnxruntime "
                                             r"on 50 real test images: max \|diff\| 1 ") as info:
         run(recipe, tmp_path)
-    assert actions(info.value.result)["compile:x86"] == "skipped"  # its inputs did not change
+    assert actions(info.value.result)["compile:x86"] == "cached"  # its inputs did not change
     assert info.value.result.outcomes[-1].name == "validate:x86"
     assert all(path.read_bytes() == data for path, data in kept.items())
     assert json.loads(folder.validation("x86").read_text())["passed"] is False
@@ -200,7 +211,104 @@ def test_targets_validate_by_how_they_run():
     if missing_device(gpu) is None:
         pytest.skip("a GPU is present")
     check = check_library(gpu, "absent.so", b"", [], atol=1e-4, rtol=1e-4)
-    assert check.skipped == "no GPU" and check.passed
+    assert (check.skipped, check.status, check.passed) == ("no GPU", "skipped", False)
+    assert check.to_dict()["passed"] is False
+    check.require()  # not a failure either: the stage records it as skipped
+
+
+def test_stage_code_is_what_its_factory_imports_transitively():
+    def closure(kind: str) -> set[str]:
+        factory = STAGE_KINDS.get(kind)
+        return set(pipeline_state.code_closure(pipeline_state.factory_entries(factory),
+                                               shallow=frozenset({factory.__module__})))
+
+    kernels, template = "clicktrain_deploy.compile.conv_kernels", "clicktrain_deploy.report/template.html.j2"
+    assert {"clicktrain_deploy.train.trainer", "clicktrain_deploy.pruning.clicktrain",
+            "clicktrain_deploy.models.resnet"} <= closure("train")
+    assert kernels not in closure("train") and kernels not in closure("export")
+    assert {kernels, "clicktrain_deploy.compile.build", "clicktrain_deploy.compile.targets"} <= closure("compile")
+    assert {kernels, "clicktrain_deploy.compile.arm/runner.cc"} <= closure("benchmark")
+    assert template in closure("report") and template not in closure("compile")
+    # a library upgrade changes every stage's key
+    train = STAGE_KINDS.get("train")
+    before = pipeline_state.code_digest(train)
+    versions = pipeline_state.library_versions()
+    assert set(versions) == {"torch", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime"}
+    assert all(versions.values())
+    real = pipeline_state.library_versions
+    try:
+        pipeline_state.library_versions = lambda: {**versions, "apache-tvm": "0.28.0"}
+        assert pipeline_state.code_digest(train) != before
+    finally:
+        pipeline_state.library_versions = real
+    assert pipeline_state.code_digest(train) == before
+
+
+def test_modules_loaded_by_computed_name_are_in_the_static_closure():
+    import clicktrain_deploy
+
+    closure = pipeline_state.code_closure(["clicktrain_deploy"])
+    for name, module in getattr(clicktrain_deploy, "_LAZY", {}).items():  # the package's lazy names
+        absolute = "clicktrain_deploy" + module if module.startswith(".") else module
+        assert absolute in closure, name
+    # any other import by computed name would escape the cache's key: there is none but the
+    # benchmark's user-supplied model factory (not package code)
+    computed = [path for path in pipeline_state.package_dirs()["clicktrain_deploy"].rglob("*.py")
+                if "import_module(" in path.read_text() and path.name != "__init__.py"
+                or (path.name == "__init__.py" and path.parent.name != "clicktrain_deploy"
+                    and "import_module(" in path.read_text())]
+    assert [p.relative_to(REPO).as_posix() for p in computed] in ([], ["clicktrain_deploy/bench/host.py"])
+
+
+def test_kernel_generator_edit_reruns_compile_and_benchmark(copied, tmp_path, monkeypatch):
+    """The cache keys on the source the stages run: an edited copy of the package, with the
+    digest pointed at it, rebuilds and re-measures, and keeps training and export."""
+    recipe, folder = copied
+    source = tmp_path / "source"
+    dirs = {}
+    for name, path in pipeline_state.package_dirs().items():
+        dirs[name] = source / name
+        shutil.copytree(path, dirs[name], ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline_state, "package_dirs", lambda: dirs)
+    same = run(recipe, tmp_path)  # a byte-identical copy: the same keys
+    assert set(actions(same).values()) == {"cached"}
+    library = folder.library("x86").stat().st_mtime_ns
+    kernels = dirs["clicktrain_deploy"] / "compile" / "conv_kernels.py"
+    kernels.write_text(kernels.read_text() + "\n# an edit of the kernel generator\n")
+    edited = run(recipe, tmp_path)
+    # every validation runs the validate factory's code, which includes the compiler's runners
+    assert actions(edited) == {"train": "cached", "export": "cached", **{s: "ran" for s in STAGES[2:]}}
+    assert folder.library("x86").stat().st_mtime_ns != library
+
+
+def test_cuda_target_without_a_gpu_is_not_reported_as_validated(copied, tmp_path):
+    if missing_device(TARGETS.get("cuda")()) is None:
+        pytest.skip("a GPU is present: the cuda target validates")
+    recipe, folder = copied
+    path = write_recipe(tmp_path / "cuda.yaml", {**recipe, "deploy": {**recipe["deploy"], "targets": ["cuda"]}})
+
+    def cli(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clicktrain_deploy", "run", "-c", str(path), "--quiet",
+                               *options], cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "COLUMNS": "200"})
+
+    done = cli()
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "not validated: cuda (skipped: no GPU)" in done.stdout and "--allow-skipped" in done.stdout
+    assert re.search(r"validate:cuda\s*│\s*skipped\s", done.stdout), done.stdout
+    state = json.loads(folder.state.read_text())["stages"]
+    assert state["validate:cuda"]["status"] == "skipped" and state["compile:cuda"]["status"] == "done"
+    assert state["benchmark:cuda"]["status"] == "skipped"
+    check = json.loads(folder.validation("cuda").read_text())
+    assert (check["status"], check["passed"], check["images"]) == ("skipped", False, 0)
+    html = folder.report.read_text()
+    assert 'id="not-validated"' in html and "NOT VALIDATED (skipped)" in html
+    # kept from the run before: still skipped, still exit 3 by default; 0 when skips are allowed
+    again = cli("--allow-skipped")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "warning: not validated: cuda" in again.stdout
+    assert re.search(r"validate:cuda\s*│\s*skipped \(cached\)", again.stdout), again.stdout
+    assert cli().returncode == 3
 
 
 CHECK_FIGURES = """<script>

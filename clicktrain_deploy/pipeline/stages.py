@@ -25,6 +25,11 @@ from ..runfolder import RunFolder
 STAGES: Registry = Registry("stage")
 
 
+class Skipped(str):
+    """The summary a stage returns when it finished without doing its job (a validation or
+    benchmark with no device to run on): recorded as status ``skipped``, never as ``done``."""
+
+
 @dataclass
 class StageContext:
     """How a stage runs. ``resume``: its inputs are those of an earlier, unfinished attempt (or
@@ -45,7 +50,7 @@ class Stage:
     settings: dict                    # recipe fields that decide its result (JSON-ready)
     reads: list[Path]                 # files of earlier stages it reads
     writes: list[Path]                # files it produces
-    run: Callable[[StageContext], str]
+    run: Callable[[StageContext], str]  # returns its summary (a ``Skipped`` one if it could not do its job)
     own_progress: bool = False        # draws its own progress bar (otherwise the runner's spinner)
 
 
@@ -141,7 +146,7 @@ def validate_stage(recipe: Recipe, folder: RunFolder, runtime: str) -> Stage:
                                        batches.epoch(0), d.atol, d.rtol, advance)
         atomic_write_json(folder.validation(runtime), result.to_dict())  # kept when it fails
         result.require()
-        return result.describe()
+        return Skipped(result.describe()) if result.skipped else result.describe()
 
     return Stage(f"validate:{runtime}", "validate", f"{runtime} against {against} on {images} real "
                  "test images", settings, reads, [folder.validation(runtime)], run,
@@ -214,7 +219,7 @@ def benchmark_stage(recipe: Recipe, folder: RunFolder, target: str) -> Stage:
                        f"{result['ours_dense'] / 1e6:.2f} M instructions per inference")
         else:
             result["skipped"] = settings["missing"] or "no benchmark for device targets yet"
-            summary = f"skipped: {result['skipped']}"
+            summary = Skipped(f"skipped: {result['skipped']}")
         atomic_write_json(folder.bench(target), result)
         return summary
 

@@ -78,6 +78,14 @@ def _layer_rows(bench: dict, threads: str) -> list[dict]:
     return rows
 
 
+def _check_status(check: dict) -> dict:
+    """A validation record with its ``status`` ("passed", "failed" or "skipped"); records
+    written before the status existed counted a skipped check as passed."""
+    if check.get("skipped"):
+        return {**check, "status": "skipped", "passed": False}
+    return {**check, "status": check.get("status") or ("passed" if check["passed"] else "failed")}
+
+
 def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict:
     """Everything the template shows, figures drawn, from the files in ``run_dir``."""
     folder = RunFolder(Path(run_dir))
@@ -87,7 +95,7 @@ def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict
     targets = targets if targets is not None else _targets(folder, state)
     metrics = [json.loads(line) for line in folder.metrics.read_text().splitlines() if line.strip()]
     sparsity = _json(folder.sparsity)
-    checks = [c for c in (_json(folder.validation(r)) for r in ["onnxruntime", *targets]) if c]
+    checks = [_check_status(c) for c in (_json(folder.validation(r)) for r in ["onnxruntime", *targets]) if c]
     manifests = {t: m for t in targets if (m := _json(folder.manifest(t)))}
     benches = {t: b for t in targets if (b := _json(folder.bench(t)))}
 
@@ -96,7 +104,8 @@ def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict
                      "metrics": metrics, "final": metrics[-1], "sparsity": sparsity, "checks": checks,
                      "stages": {name: stage for name, stage in (state or {}).get("stages", {}).items()
                                 if name != "report" and name.partition(":")[2] in ("", "onnxruntime", *targets)},
-                     "figures": {}}
+                     "figures": {},
+                     "unvalidated": [c for c in checks if c["status"] == "skipped"]}
     context["figures"]["training"] = figures.to_data_uri(figures.training_curves(metrics))
     if sparsity and sparsity["layers"]:
         context["figures"]["density"] = figures.to_data_uri(figures.layer_density(sparsity["layers"]))

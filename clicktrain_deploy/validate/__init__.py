@@ -2,7 +2,8 @@
 
 onnxruntime is checked against PyTorch; each compiled library against onnxruntime. How a
 library runs follows its ``TargetSpec``: on this host, under qemu-user (aarch64), or on a device
-(a GPU), which may be absent, in which case the check is reported skipped rather than failed.
+(a GPU), which may be absent, in which case the check's status is "skipped": neither failed nor
+passed (``clicktrain-deploy run`` exits 3 unless ``--allow-skipped``).
 """
 from __future__ import annotations
 
@@ -46,12 +47,20 @@ class RuntimeCheck:
     skipped: str | None = None
 
     @property
+    def status(self) -> str:
+        """"skipped" (it could not run here: ``skipped`` says why), "passed" or "failed"."""
+        if self.skipped is not None:
+            return "skipped"
+        return "passed" if self.max_abs_diff <= self.atol + self.rtol * self.max_abs_logit else "failed"
+
+    @property
     def passed(self) -> bool:
-        """Skipped, or max |diff| <= atol + rtol * max |reference logit|."""
-        return self.skipped is not None or self.max_abs_diff <= self.atol + self.rtol * self.max_abs_logit
+        """Ran, and max |diff| <= atol + rtol * max |reference logit|. A skipped check has not
+        passed: it validated nothing."""
+        return self.status == "passed"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "status": self.status, "passed": self.passed}
 
     def describe(self) -> str:
         if self.skipped:
@@ -61,8 +70,8 @@ class RuntimeCheck:
                 f"accuracy {self.accuracy:.2f}%")
 
     def require(self) -> None:
-        """Raise ``AgreementError`` unless passed."""
-        if not self.passed:
+        """Raise ``AgreementError`` if it failed (a skipped check is reported by its status)."""
+        if self.status == "failed":
             raise AgreementError(
                 f"{self.runtime}: disagrees with {self.reference} on {self.images} real test images: "
                 f"max |diff| {self.max_abs_diff:.3g} > {self.atol:g} + {self.rtol:g} * "
@@ -90,9 +99,9 @@ def runner_kind(spec: TargetSpec) -> str:
 
 @RUNNERS.register("host")
 def _host(spec: TargetSpec, library: Path) -> tuple[str, Runner]:
-    from ..compile.build import run_on_host
+    from ..compile.build import run_images
 
-    return "host", lambda images: run_on_host(library, images)
+    return "host", lambda images: run_images(library, images)
 
 
 @RUNNERS.register("qemu")
