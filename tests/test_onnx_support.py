@@ -141,6 +141,17 @@ for _a in ("starts", "ends", "axes"):
     ATTRIBUTE_CASES[("Slice", _a)] = (one("Slice", dict(starts=[1], ends=[3], axes=[2]), opset=9), 9, f"{_a}=")
 
 
+def test_the_table_lists_every_attribute_onnx_defines():
+    for op, rules in ATTRIBUTES.items():
+        names = set()
+        for version in range(1, onnx.defs.onnx_opset_version() + 1):
+            try:
+                names |= set(onnx.defs.get_schema(op, version).attributes)
+            except onnx.defs.SchemaError:
+                pass
+        assert names == set(rules), op
+
+
 def test_every_refused_attribute_has_a_case():
     restricted = {(op, a) for op, rules in ATTRIBUTES.items() for a, r in rules.items() if r is not None}
     assert restricted == set(ATTRIBUTE_CASES)
