@@ -62,21 +62,18 @@ def interleaved(fns: dict[str, Callable], sync: Callable, rounds: int, sample_s:
 
 def build(onnx_path: Path, target: str, work: Path, batches: list[int], emulate: bool) -> dict:
     """Sparse and dense libraries for every batch, and their kernel calls (by kernel name)."""
-    from clicktrain_deploy.compile.build import CompiledModel, compile_model
-    from clicktrain_deploy.compile.cuda.lower import lower_onnx_cuda
+    from clicktrain_deploy.compile.build import CompiledModel, compile_model, lower_model
     from clicktrain_deploy.compile.cuda.toolchain import build_emulated
+    from clicktrain_deploy.compile.frontend import import_onnx
     from clicktrain_deploy.compile.targets import TARGETS
-    from clicktrain_deploy.contract import load_onnx
-    from clicktrain_deploy.passes.onnx_passes import verify
 
-    model = load_onnx(onnx_path)
-    metadata = verify(model)
     builds = {}
     for batch in batches:
+        imported = import_onnx(onnx_path, batch=batch)
         for variant, sparse in (("sparse", True), ("dense", False)):
             library = work / f"{variant}_b{batch}.so"
-            module, layers, _ = lower_onnx_cuda(model, metadata if sparse else None, TARGETS.get(target)(), batch,
-                                                emulate)
+            lowered = lower_model(imported, TARGETS.get(target)(), sparse, emulate=emulate)
+            module, layers = lowered.module, lowered.layers
             if emulate:
                 build_emulated(module).export_library(str(library))
                 built = CompiledModel(library, {"layers": [l.to_dict() for l in layers], "device_code": {}},
@@ -151,7 +148,7 @@ def _layers(builds, batch, libs, device, torch_device, sync, rounds) -> list[dic
     import tvm
 
     rng = np.random.default_rng(0)
-    manifests = {v: {l["layer"]: l for l in builds[v, batch][0].manifest["layers"] if l["op"] == "conv"}
+    manifests = {v: {l["layer"]: l for l in builds[v, batch][0].manifest["layers"] if l["kernel"] != "tvm"}
                  for v in ("sparse", "dense")}
     calls = {v: {c["kernel"]: c for c in builds[v, batch][1]} for v in ("sparse", "dense")}
     rows = []
@@ -167,8 +164,8 @@ def _layers(builds, batch, libs, device, torch_device, sync, rounds) -> list[dic
             tensors.append(tvm.runtime.empty(call["out"], "float32", device))
             kernel = libs[variant[5:]].get_function(call["kernel"], query_imports=True)
             fns[variant] = lambda kernel=kernel, tensors=tensors: kernel(*tensors)
-        stride = 1 if out[2] == x_shape[2] else 2
-        size = 1 if layer["kernel"] == "pointwise" else 3
+        stride = layer["attributes"]["stride"][0]
+        size = layer["attributes"]["kernel"][0]
         x = torch.randn(x_shape, device=torch_device)
         w = torch.randn(out[1], x_shape[1], size, size, device=torch_device)
         b = torch.randn(out[1], device=torch_device)

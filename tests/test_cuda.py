@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tvm
 from typer.testing import CliRunner
 
 from clicktrain_deploy.cli import app
@@ -19,20 +20,19 @@ from clicktrain_deploy.compile.cuda.kernels import (
     CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_covers, cuda_schedule, dense_cuda_tvmscript,
     entry_channels, maxpool_cuda_tvmscript,
 )
-from clicktrain_deploy.compile.cuda.lower import CudaConvKernels, lower_onnx_cuda
+from clicktrain_deploy.compile.build import lower_model
+from clicktrain_deploy.compile.cuda.lower import CudaConvKernels
 from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
-from clicktrain_deploy.compile.lower import CompileError
+from clicktrain_deploy.compile.errors import CompileError
+from clicktrain_deploy.compile.frontend import import_onnx
+from clicktrain_deploy.compile.passes import rewrite_convs
 from clicktrain_deploy.compile.targets import CUDA_ARCHS, TARGETS
 from clicktrain_deploy.export.check import onnxruntime_session
-from clicktrain_deploy.export.onnx_export import load_onnx
-from clicktrain_deploy.passes.onnx_passes import verify
-from clicktrain_deploy.passes.relax_passes import rewrite_pattern_convs
 
 from .test_compile import _real_inputs
 from .test_conv_kernels import LIBRARY, _pattern_weight, reference_epilogue
-from .test_relax_pass import _block, _calls, _module, _reference
+from .test_passes import _block, _calls, _module, _reference
 
-tvm = pytest.importorskip("tvm")
 needs_gpu = pytest.mark.skipif("not gpu_present()", reason="no NVIDIA GPU on this machine")
 
 
@@ -162,15 +162,15 @@ def test_gpu_pool_and_classifier_kernels_match_torch():
 
 
 def test_emulated_cuda_model_matches_onnxruntime(exported, fmnist):
-    """The whole CUDA lowering (NCHW, batch 3, pattern kernels, pool, classifier) run on the CPU."""
+    """The whole CUDA lowering (NCHW, batch 3, pattern kernels; pool and classifier by TVM) run on
+    the CPU with the GPU kernels' statements."""
     from tvm import relax
 
     _, result = exported
-    model = load_onnx(result.path)
-    module, layers, layout = lower_onnx_cuda(model, verify(model), TARGETS.get("cuda")(), batch=3, emulate=True)
-    assert layout.lanes == 4  # the fixture's B=4: four output channels share each pattern
-    assert sum(layer.kernel == "pattern" for layer in layers) == 18
-    vm = relax.VirtualMachine(build_emulated(module), tvm.cpu())
+    lowered = lower_model(import_onnx(result.path, batch=3), TARGETS.get("cuda")(), emulate=True)
+    assert lowered.layout.lanes == 4  # the fixture's B=4: four output channels share each pattern
+    assert sum(layer.kernel == "pattern" for layer in lowered.layers) == 18
+    vm = relax.VirtualMachine(build_emulated(lowered.module), tvm.cpu())
     images = _real_inputs(fmnist, 3)
     got = vm["main"](tvm.runtime.tensor(images)).numpy()
     expected = onnxruntime_session(result.path.read_bytes()).run(None, {"input": images})[0]
@@ -182,21 +182,24 @@ def test_relax_pass_with_gpu_kernels_on_a_hand_built_module():
     becomes one NCHW kernel (no pack/unpack), layers matched and chosen as on CPUs."""
     from tvm import relax
 
+    from clicktrain_deploy.compile.schedule import fuse_and_schedule
+
     weights, biases, metadata = _block()
-    module, manifest = rewrite_pattern_convs(_module(weights, biases, batch=2), metadata, TARGETS.get("cuda")(),
-                                             kernels=CudaConvKernels(2, emulate=True))
+    module, manifest = rewrite_convs(_module(weights, biases, batch=2), metadata, TARGETS.get("cuda")(),
+                                     CudaConvKernels(emulate=True))
     calls = _calls(module)
-    assert [c.rstrip("0123456789") for c in calls] == ["conv"] * 4
+    assert calls == ["conv"] * 4
     assert {e.layer: e.kernel for e in manifest} == {"conv2d_0": "dense", "conv1": "pattern",
-                                                     "conv2d_2": "pointwise", "conv2": "pattern"}
-    assert sorted(e.function for e in manifest) == sorted(calls)  # each layer names its kernel
+                                                     "conv2d_2": "dense", "conv2": "pattern"}
+    assert len({e.function for e in manifest}) == 4  # each layer names its kernel
+    module = fuse_and_schedule(tvm.target.Target({"kind": "llvm"}), "cpu", {})(module)
     image = np.random.default_rng(1).standard_normal((2, 3, 9, 11)).astype(np.float32)
     got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(image)).numpy()
     np.testing.assert_allclose(got, _reference(image, weights, biases), atol=1e-4, rtol=1e-4)
     with pytest.raises(CompileError, match="cuda-sm90: a cuda target given cpu conv kernels"):
-        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")())
-    with pytest.raises(CompileError, match=r"conv2d #0 .*batch 2"):  # the kernels' batch is the module's
-        rewrite_pattern_convs(_module(weights, biases), metadata, TARGETS.get("cuda")(), kernels=CudaConvKernels(2))
+        from clicktrain_deploy.compile.plan import ConvKernels
+
+        rewrite_convs(_module(weights, biases), metadata, TARGETS.get("cuda")(), ConvKernels())
 
 
 def _tiny_vgg(path):
@@ -219,20 +222,24 @@ def _tiny_vgg(path):
 
 
 def test_vgg_ops_lower_emulate_and_build_for_sm80(tmp_path):
-    """Max pool and a flatten (dlight's fallback GPU schedule) too: emulated vs onnxruntime, then
-    built with nvcc for another preset."""
+    """Max pool and a flatten (TVM's ops, dlight's GPU rules on the device; CPU rules when
+    emulated): emulated vs onnxruntime, then built with nvcc for another preset."""
     from tvm import relax
 
     _tiny_vgg(tmp_path / "vgg.onnx")
-    model = load_onnx(tmp_path / "vgg.onnx")
-    module, layers, _ = lower_onnx_cuda(model, None, TARGETS.get("cuda-sm80")(), batch=2, emulate=True)
-    assert [layer.kernel for layer in layers] == ["dense", "maxpool", "dense"]
+    lowered = lower_model(import_onnx(tmp_path / "vgg.onnx"), TARGETS.get("cuda-sm80")(), emulate=True)
+    assert [layer.kernel for layer in lowered.layers] == ["dense"]
     x = np.random.default_rng(7).standard_normal((2, 3, 2, 2)).astype(np.float32)
-    got = relax.VirtualMachine(build_emulated(module), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    got = relax.VirtualMachine(build_emulated(lowered.module), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     expected = onnxruntime_session((tmp_path / "vgg.onnx").read_bytes()).run(None, {"input": x})[0]
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     built = compile_model(tmp_path / "vgg.onnx", "cuda-sm80", tmp_path / "vgg.so", batch=2)
     assert built.manifest["device_code"]["arch"] == "sm_80" and embedded_fatbins(built.library) == 1
+    assert built.manifest["check"]["status"] in ("passed", "skipped")  # skipped only without a GPU
+    if not gpu_present():
+        assert built.manifest["check"]["reason"] == "no NVIDIA GPU on this machine"
+    rules = {op["rule"] for op in built.manifest["ops"] if op["kind"] == "tvm"}
+    assert rules and all(rule.startswith("dlight.gpu.") for rule in rules)
 
 
 @pytest.fixture(scope="module")
@@ -257,32 +264,12 @@ def test_sm90_library_embeds_nvcc_device_code(sm90_build):
     code = manifest["device_code"]
     assert code["nvcc"].startswith(("12.", "13.")) and code["fatbin_bytes"] > 10_000
     assert code["spill_bytes"] == 0 and 32 < code["max_registers"] <= 255  # accumulators in registers
-    assert code["kernels"] == 23  # 21 convs, pool, classifier: no pack kernel on NCHW
-    convs = [layer for layer in manifest["layers"] if layer["op"] == "conv"]
+    generated = [op for op in manifest["ops"] if op["kind"] == "generated"]
+    assert len(generated) == 21 and all(op["function"].startswith("conv") for op in generated)  # no pack on NCHW
+    assert code["kernels"] == len({op["function"] for op in manifest["ops"]})
+    convs = manifest["layers"]
     assert [layer["kernel"] for layer in convs].count("pattern") == 18
     assert all("fewer multiply-adds" in layer["reason"] for layer in convs if layer["kernel"] == "pattern")
-
-
-def test_emulation_runs_the_gpu_kernels_statements():
-    """What the CPU check runs is the GPU kernel: the same statements, only the thread loops and
-    barriers differ (so the emulated tests above speak for the GPU kernel's indexing)."""
-    weight, ids = _pattern_weight(32, 16, 16, removed=0.3)
-    assign = pattern_assignment(ids, 16, 32, 16)
-    base = dict(in_channels=16, out_channels=32, height=14, width=14, in_lanes=1, lanes=16,
-                groups=library_taps(LIBRARY), epilogue=(("residual",), ("relu",)), batch=2)
-    ptr = compact_weights(weight, assign, CudaConvSpec(entries=0, **base))[0]
-    spec = CudaConvSpec(entries=int(ptr[-1]), **base, **cuda_schedule(14, 14, 1, 2, 16))
-    gpu = conv_cuda_tvmscript(spec, "conv")
-    emulated = conv_cuda_tvmscript(spec, "conv", emulate=True).replace("acc[t, ", "acc[")
-    only_gpu = {line.strip() for line in gpu.splitlines()} - {line.strip() for line in emulated.splitlines()}
-    assert only_gpu == {"for bx in T.thread_binding(4, thread='blockIdx.x'):",
-                        "for t in T.thread_binding(98, thread='threadIdx.x'):",
-                        "T.tvm_storage_sync('shared')",
-                        "Xs = T.alloc_buffer((4096,), 'float32', scope='shared')",
-                        "Ws = T.alloc_buffer((1024,), 'float32', scope='shared')",
-                        "acc = T.alloc_buffer((2, 16), 'float32', scope='local')"}
-    assert gpu.count("T.tvm_storage_sync('shared')") == 2  # after the loads, after the compute
-    assert gpu.count("xv: T.float32") == sum(len(g) for g in library_taps(LIBRARY))  # taps unrolled
 
 
 def test_cuda_presets_and_errors(exported, tmp_path):
@@ -297,8 +284,6 @@ def test_cuda_presets_and_errors(exported, tmp_path):
     assert out.exit_code == 2 and "unknown CUDA arch" in out.output and "sm_90" in out.output
     out = runner.invoke(app, ["compile", model, "--target", "x86", "--arch", "sm_90", "-o", str(tmp_path / "m.so")])
     assert out.exit_code == 2 and "only for --target cuda" in out.output
-    with pytest.raises(CompileError, match="batch 4: x86 builds take batch 1"):
-        compile_model(model, "x86", tmp_path / "m.so", batch=4)
     assert not (tmp_path / "m.so").exists()
 
 

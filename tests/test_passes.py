@@ -94,7 +94,7 @@ def _run(module: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_rewrite_fuses_epilogues_keeps_blocks_and_matches_torch(batch):
     weights, biases, metadata = _block()
-    module, manifest = rewrite_convs(_module(weights, biases, batch), metadata, X86, ConvKernels(batch))
+    module, manifest = rewrite_convs(_module(weights, biases, batch), metadata, X86, ConvKernels())
     # one pack at the input, 4 fused convs, one unpack at the output: no conv2d/add/relu left
     assert _calls(module) == ["pack", "conv", "conv", "conv", "conv", "unpack"]
     assert {e.layer: e.kernel for e in manifest} == {"conv2d_0": "dense", "conv1": "pattern",
@@ -205,7 +205,7 @@ def test_odd_bias_shapes_are_not_fused_and_kernels_must_fit_the_target():
     module, manifest = rewrite_convs(bb.get(), None, X86, ConvKernels())
     assert "relax.add" in _calls(module) and [e.kernel for e in manifest] == ["dense"]
     with pytest.raises(Exception, match="a cpu target given cuda conv kernels"):
-        rewrite_convs(bb.get(), None, X86, CudaConvKernels(1))
+        rewrite_convs(bb.get(), None, X86, CudaConvKernels())
 
 
 def test_convs_the_gpu_kernel_does_not_cover_stay_for_tvm():
@@ -216,6 +216,6 @@ def test_convs_the_gpu_kernel_does_not_cover_stay_for_tvm():
             a = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ones((8, 4, 5, 5), np.float32)), padding=2))
             out = bb.emit_output(bb.emit(relax.op.nn.conv2d(a, relax.const(np.ones((8, 8, 3, 3), np.float32)), padding=1)))
         bb.emit_func_output(out)
-    module, manifest = rewrite_convs(bb.get(), None, TARGETS.get("cuda")(), CudaConvKernels(2))
+    module, manifest = rewrite_convs(bb.get(), None, TARGETS.get("cuda")(), CudaConvKernels())
     assert [e.kernel for e in manifest] == ["tvm", "dense"]
     assert "5x5 kernel" in manifest[0].reason and _calls(module) == ["relax.nn.conv2d", "conv"]

@@ -50,13 +50,12 @@ def lower_model(imported: ImportedModel, target: TargetSpec, sparse: bool = True
     is scheduled. ``sparse=False`` ignores the pattern metadata (every conv gets our dense kernel);
     ``measure`` times ambiguous layers' candidates on this machine (host targets); ``emulate``
     (CUDA) builds the GPU kernels with serial thread loops, for checking on a CPU."""
-    batch = imported.inputs[0].shape[0] if imported.inputs and imported.inputs[0].shape else 1
     if target.device == "cuda":
         from .cuda.lower import CudaConvKernels
 
-        kernels: ConvKernels = CudaConvKernels(batch, emulate)
+        kernels: ConvKernels = CudaConvKernels(emulate)
     else:
-        kernels = ConvKernels(batch)
+        kernels = ConvKernels()
     timer = HostTimer(target) if measure and target.runs_on_host else None
     metadata = imported.metadata if sparse else None
     module, layers = rewrite_convs(prepare(imported.module), metadata, target, kernels, timer, imported.conv_names)

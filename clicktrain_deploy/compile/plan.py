@@ -94,14 +94,11 @@ class ConvLayer:
 
 class ConvKernels:
     """A target's conv kernels. This one: the CPU kernels of ``conv_kernels`` on NCHW[L]c
-    activations for ``batch`` images (the rewrite packs before and unpacks after; pairs between
-    our kernels vanish). Covers every float32 2-D conv."""
+    activations, at the batch of the conv's input (the rewrite packs before and unpacks after;
+    pairs between our kernels vanish). Covers every float32 2-D conv."""
 
     device = "cpu"
     blocked = True  # activations in NCHW[L]c (False: the kernels read and write NCHW)
-
-    def __init__(self, batch: int = 1):
-        self.batch = batch
 
     def covers(self, layer: ConvLayer) -> str | None:
         """None when these kernels can run ``layer``, else why not (it stays TVM's)."""
@@ -110,17 +107,17 @@ class ConvKernels:
     def candidate(self, kernel: str, groups, assign: np.ndarray, weight: np.ndarray, layer: ConvLayer,
                   in_lanes: int, layout: Layout) -> tuple[str, ConvSpec, list[np.ndarray]]:
         """One candidate: its spec and compact weights [ptr, coff, wv]."""
-        spec = _spec(layer, groups, 0, in_lanes, layout.lanes, self.batch, (4, 4))
+        spec = _spec(layer, groups, 0, in_lanes, layout.lanes, (4, 4))
         tile = layout.pattern_tile if kernel == "pattern" else choose_tile(*spec.out_hw, layout.dense_tiles)
-        spec = _spec(layer, groups, 0, in_lanes, layout.lanes, self.batch, tile)
+        spec = _spec(layer, groups, 0, in_lanes, layout.lanes, tile)
         ptr, coff, wv = compact_weights(weight, assign, spec)
-        return kernel, _spec(layer, groups, int(ptr[-1]), in_lanes, layout.lanes, self.batch, tile), [ptr, coff, wv]
+        return kernel, _spec(layer, groups, int(ptr[-1]), in_lanes, layout.lanes, tile), [ptr, coff, wv]
 
     def depthwise(self, layer: ConvLayer, layout: Layout) -> tuple[str, DepthwiseSpec, list[np.ndarray]]:
         """The depthwise kernel of a channel-multiplier-1 grouped conv: spec and [w (CB, KH*KW, L)]."""
         spec = DepthwiseSpec(channels=layer.source[1], height=layer.source[2], width=layer.source[3],
                              lanes=layout.lanes, kernel=tuple(layer.weight.shape[2:]), stride=layer.stride,
-                             padding=layer.padding, dilation=layer.dilation, batch=self.batch,
+                             padding=layer.padding, dilation=layer.dilation, batch=layer.source[0],
                              epilogue=layer.epilogue)
         return "depthwise", spec, [depthwise_weights(layer.weight, layout.lanes)]
 
@@ -130,17 +127,17 @@ class ConvKernels:
 
     def input_shape(self, spec) -> tuple[int, ...]:
         if isinstance(spec, DepthwiseSpec):
-            return self.batch, math.ceil(spec.channels / spec.lanes), spec.height, spec.width, spec.lanes
-        return self.batch, spec.in_blocks, spec.height, spec.width, spec.in_lanes
+            return spec.batch, math.ceil(spec.channels / spec.lanes), spec.height, spec.width, spec.lanes
+        return spec.batch, spec.in_blocks, spec.height, spec.width, spec.in_lanes
 
     def output_shape(self, spec) -> tuple[int, ...]:
         oh, ow = spec.out_hw
         blocks = math.ceil(spec.channels / spec.lanes) if isinstance(spec, DepthwiseSpec) else spec.out_blocks
-        return self.batch, blocks, oh, ow, spec.lanes
+        return spec.batch, blocks, oh, ow, spec.lanes
 
 
-def _spec(layer: ConvLayer, groups, entries: int, in_lanes: int, lanes: int, batch: int, tile) -> ConvSpec:
-    _, channels, height, width = layer.source
+def _spec(layer: ConvLayer, groups, entries: int, in_lanes: int, lanes: int, tile) -> ConvSpec:
+    batch, channels, height, width = layer.source
     return ConvSpec(in_channels=channels, out_channels=layer.weight.shape[0], height=height, width=width,
                     in_lanes=in_lanes, lanes=lanes, groups=groups, entries=entries,
                     kernel=tuple(layer.weight.shape[2:]), stride=layer.stride, padding=layer.padding,

@@ -17,14 +17,13 @@ from .kernels import CudaConvSpec, conv_cuda_tvmscript, cuda_covers, cuda_schedu
 
 
 class CudaConvKernels(ConvKernels):
-    """The GPU conv kernels for ``batch`` images on NCHW activations; ``emulate``: serial thread
-    loops, for building and checking on a CPU (``toolchain.build_emulated``)."""
+    """The GPU conv kernels on NCHW activations (at the batch of the conv's input); ``emulate``:
+    serial thread loops, for building and checking on a CPU (``toolchain.build_emulated``)."""
 
     device = "cuda"
     blocked = False
 
-    def __init__(self, batch: int, emulate: bool = False):
-        super().__init__(batch)
+    def __init__(self, emulate: bool = False):
         self.emulate = emulate
 
     def covers(self, layer: ConvLayer) -> str | None:
@@ -33,7 +32,7 @@ class CudaConvKernels(ConvKernels):
 
     def candidate(self, kernel, groups, assign, weight, layer: ConvLayer, in_lanes: int, layout: Layout):
         """Spec with its GPU schedule, and compact weights [ptr, chan (entry -> input channel), wv]."""
-        base = _spec(layer, groups, 0, 1, layout.lanes, self.batch, (1, 1))
+        base = _spec(layer, groups, 0, 1, layout.lanes, (1, 1))
         ptr, _, wv = compact_weights(weight, assign, base)
         per_block = np.diff(ptr[:: len(groups)]).max(initial=0)
         rows = (layout.pattern_tile if kernel == "pattern" else layout.dense_tiles[0])[1]
@@ -47,7 +46,7 @@ class CudaConvKernels(ConvKernels):
         return conv_cuda_tvmscript(spec, name, self.emulate)
 
     def input_shape(self, spec) -> tuple[int, ...]:
-        return self.batch, spec.in_channels, spec.height, spec.width
+        return spec.batch, spec.in_channels, spec.height, spec.width
 
     def output_shape(self, spec: CudaConvSpec) -> tuple[int, ...]:
-        return self.batch, spec.out_channels, *spec.out_hw
+        return spec.batch, spec.out_channels, *spec.out_hw
