@@ -1,16 +1,19 @@
 """Runs INSIDE qemu-aarch64, on the aarch64 CPython with onnxruntime's own aarch64 wheel.
 
-usage: ort_driver.py model.onnx in.npz out.npz runs
+usage: ort_driver.py model.onnx n_inputs runs   (in a folder holding in0.npy, in1.npy, ...)
 
-Inputs are ``arr_0, arr_1, ...`` in the model's input order. One session, single-threaded
-(intra_op_num_threads=1, inter_op_num_threads=1, no spinning), default graph optimisations;
-``session.run`` is called ``runs`` times and the last outputs are saved as ``arr_0, ...``.
+Inputs ``in<i>.npy`` are in the model's input order (plain .npy, not .npz: a zip archive
+carries the time of day, which made the count differ by a few hundred instructions). One
+session, single-threaded (intra_op_num_threads=1, inter_op_num_threads=1, no spinning),
+default graph optimisations;
+``session.run`` is called ``runs`` times and the last outputs are saved as ``out0.npy, ...``
+(none for ``runs=0``, which measures the start-up alone).
 Not imported on the host: ``compile.arm.run_onnxruntime_arm`` launches it under qemu.
 """
 import sys
 
 
-def main(model: str, inputs: str, outputs: str, runs: int) -> None:
+def main(model: str, n_inputs: int, runs: int) -> None:
     import numpy as np
     import onnxruntime as ort
 
@@ -21,17 +24,17 @@ def main(model: str, inputs: str, outputs: str, runs: int) -> None:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    with np.load(inputs) as archive:
-        arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    arrays = [np.load(f"in{i}.npy") for i in range(n_inputs)]
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(arrays):
         raise SystemExit(f"model has {len(names)} inputs, got {len(arrays)}")
     feeds = dict(zip(names, arrays))
-    result = None
+    result = []  # runs=0: start-up only, no outputs
     for _ in range(runs):
         result = session.run(None, feeds)
-    np.savez(outputs, *result)
+    for i, array in enumerate(result):
+        np.save(f"out{i}.npy", array)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
