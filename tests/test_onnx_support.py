@@ -503,6 +503,23 @@ def _misc():
                 cases=cases)
 
 
+def _extras():
+    x = rnd(2, 3, 4, 5) * 3
+    inits = dict(ax=i64(1, -1))
+    cases = [_case("Log", "Log", ["xp"]), _case("Reciprocal", "Reciprocal", ["x"]), _case("Floor", "Floor", ["x"]),
+             _case("Ceil", "Ceil", ["x"]), _case("Round half to even", "Round", ["h"]), _case("Softplus", "Softplus", ["x"]),
+             _case("Softsign", "Softsign", ["x"]), _case("Mish", "Mish", ["x"]), _case("Sin", "Sin", ["x"]),
+             _case("Cos", "Cos", ["x"]), _case("Sign", "Sign", ["xr"]), _case("LessOrEqual", "LessOrEqual", ["xr", "xr2"]),
+             _case("GreaterOrEqual", "GreaterOrEqual", ["xr", "xr2"]),
+             _case("ThresholdedRelu", "ThresholdedRelu", ["x"], dict(alpha=0.5)),
+             _case("LRN", "LRN", ["x"], dict(size=3, alpha=1e-3, beta=0.75, bias=2.0)),
+             _case("ArgMin last", "ArgMin", ["xr"], dict(axis=1, select_last_index=1)),
+             _case("ReduceMin", "ReduceMin", ["x", "ax"], dict(keepdims=0))]
+    feeds = {"x": x, "xp": np.abs(x) + 0.1, "xr": np.round(x), "xr2": np.round(rnd(2, 3, 4, 5) * 3),
+             "h": f32(-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5)}
+    return dict(feeds=feeds, inits=inits, opset=18, cases=cases)
+
+
 def _upsample():
     cases = [_case("Upsample linear", "Upsample", ["x"], dict(mode="linear", scales=[1.0, 1.0, 2.0, 3.0]))]
     return dict(feeds={"x": rnd(1, 2, 5, 6)}, opset=8, cases=cases)
@@ -514,7 +531,7 @@ GROUPS = {
     "resize11": lambda: _resizes(11), "resize19": lambda: _resizes(19),
     "softmax11": lambda: _softmaxes(11), "softmax13": lambda: _softmaxes(13),
     "pads_concats_flattens": _pads_concats_flattens, "clip6": lambda: _clips(6), "clip11": lambda: _clips(11),
-    "elementwise": _elementwise, "misc": _misc, "upsample8": _upsample,
+    "elementwise": _elementwise, "misc": _misc, "upsample8": _upsample, "extras": _extras,
 }
 
 

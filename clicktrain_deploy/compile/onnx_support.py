@@ -166,6 +166,14 @@ ATTRIBUTES: dict[str, dict[str, Only | None]] = {
     "SpaceToDepth": {"blocksize": ANY,
                      "mode": Only(("DCR",), "ignored", "SpaceToDepth-28 mode; the converter "
                                   "always uses DCR order")},
+    # Beyond the vision list: cheap unary/compare/reduce ops also audited against onnxruntime.
+    "Log": dict(_ACT), "Reciprocal": dict(_ACT), "Floor": dict(_ACT), "Ceil": dict(_ACT),
+    "Round": {}, "Softplus": {}, "Softsign": {}, "Mish": {}, "Sin": {}, "Cos": {}, "Sign": {},
+    "LessOrEqual": {}, "GreaterOrEqual": {},
+    "ThresholdedRelu": {"alpha": ANY},
+    "LRN": {"alpha": ANY, "beta": ANY, "bias": ANY, "size": ANY},
+    "ArgMin": {"axis": ANY, "keepdims": ANY, "select_last_index": ANY},
+    "ReduceMin": {"axes": ANY, "keepdims": ANY, "noop_with_empty_axes": ANY},
     # Control flow: If is converted in TVM's graph walker (both branches are checked here);
     # Loop and Scan are not in TVM's convert map at all.
     "If": {"then_branch": ANY, "else_branch": ANY},
