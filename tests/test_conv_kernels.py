@@ -60,7 +60,7 @@ def _reference(x, weight, bias, res, *, stride, padding, dilation, epilogue, gro
 
 def _run(weight, assign, groups, *, height, width, lanes, in_lanes=None, kernel=None, stride=(1, 1),
          padding=(1, 1, 1, 1), dilation=(1, 1), batch=1, epilogue=RESIDUAL_RELU, tile=(4, 4), seed=0,
-         reference_weight=None, conv_groups=1):
+         reference_weight=None, conv_groups=1, **schedule):
     """Build the conv kernel for ``weight`` (OC, IC, KH, KW), run it on random data and compare
     with torch; ``reference_weight``/``conv_groups``: the grouped conv torch runs instead."""
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def _run(weight, assign, groups, *, height, width, lanes, in_lanes=None, kernel=
     in_lanes = in_lanes or lanes
     base = dict(in_channels=in_channels, out_channels=out_channels, height=height, width=width,
                 in_lanes=in_lanes, lanes=lanes, groups=groups, kernel=kernel or weight.shape[2:], stride=stride,
-                padding=padding, dilation=dilation, batch=batch, epilogue=epilogue, tile=tile)
+                padding=padding, dilation=dilation, batch=batch, epilogue=epilogue, tile=tile, **schedule)
     ptr, coff, wv = compact_weights(weight, assign, ConvSpec(entries=0, **base))
     spec = ConvSpec(entries=int(ptr[-1]), **base)
     kernel_fn = _build(conv_tvmscript(spec, "conv"))
@@ -173,6 +173,33 @@ def test_grouped_conv_as_block_diagonal():
     spec = _run(weight, assign, (all_taps(3, 3),), height=9, width=11, lanes=8, stride=(2, 2),
                 reference_weight=grouped, conv_groups=4)
     assert spec.entries == 4 * 6 and not spec.full_dense
+
+
+@pytest.mark.parametrize("case", [
+    dict(out_tile=2, tile=(3, 2), ic_block=8),                              # 3 chunks, bands of row tiles
+    dict(out_tile=3, tile=(4, 1), ic_block=16, stride=(2, 2), batch=2),     # OCB 5: last group shifted back
+    dict(out_tile=2, tile=(8, 1)),                                          # register blocking, one chunk
+    dict(out_tile=1, tile=(4, 2), ic_block=5),                              # chunks not a multiple of lanes
+])
+def test_dense_output_block_tiles_and_cache_blocks(case):
+    """Full-dense schedule: several output blocks per register tile and input-channel cache
+    blocks whose partial sums wait in Y (overlapping shifted tiles must store each pixel once)."""
+    spec = _dense(40, 24, 3, 3, 8, height=9, width=7, **case)
+    assert spec.full_dense
+    if case.get("ic_block"):
+        assert spec.cache_blocks()[0] == case["ic_block"]
+
+
+def test_cache_blocks_only_where_a_tile_overflows_l1():
+    deep = ConvSpec(512, 64, 7, 7, 16, 16, (all_taps(3, 3),), 4 * 512, tile=(8, 1), out_tile=2)
+    block, band = deep.cache_blocks()
+    assert block < 512 and block % 16 == 0 and band == 7  # 7x7: every row tile of the map in one job
+    wide = ConvSpec(64, 64, 56, 56, 16, 16, (all_taps(3, 3),), 4 * 64, tile=(8, 1), out_tile=2)
+    assert wide.cache_blocks() == (64, 1)
+    pointwise = ConvSpec(256, 64, 56, 56, 16, 16, (all_taps(1, 1),), 4 * 256, kernel=(1, 1), padding=(0,) * 4)
+    assert pointwise.cache_blocks() == (256, 1)
+    with pytest.raises(ValueError, match="full-dense"):
+        conv_tvmscript(ConvSpec(16, 32, 5, 5, 16, 16, library_taps(LIBRARY), 3, out_tile=2), "conv")
 
 
 EPILOGUES = [

@@ -112,6 +112,8 @@ class ConvSpec(_Geometry):
     batch: int = 1
     epilogue: tuple = ()
     tile: tuple[int, int] = (4, 4)  # (XW columns, RY rows)
+    out_tile: int = 1  # output blocks per register tile (full-dense convs only)
+    ic_block: int = 0  # full-dense: input channels per cache block (0: automatic, weights ~16 KiB)
 
     @property
     def in_blocks(self) -> int:
@@ -126,6 +128,30 @@ class ConvSpec(_Geometry):
         """One tap group and every (output block, input channel) entry present: entries are in
         channel order, so the kernel can index them without ptr and coff."""
         return len(self.groups) == 1 and self.entries == self.out_blocks * self.in_channels
+
+    def cache_blocks(self) -> tuple[int, int]:
+        """Full-dense schedule: (input channels per cache block, row tiles per job). A job runs
+        every block of input channels over a band of row tiles, so each block's weights (~16 KiB)
+        stay in L1 while the band's tiles use them (partial sums wait in Y); one block: no band.
+        Automatic (ic_block 0): blocks only when one tile's input over all channels exceeds
+        48 KiB (L1d) and the weights 32 KiB, i.e. deep layers on small maps, where input and
+        weights both stream from L2."""
+        taps, obt = len(self.groups[0]), min(self.out_tile, self.out_blocks)
+        xw, ry = self.effective_tile()
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        footprint = self.in_channels * 4 * ((ry - 1) * sh + (kh - 1) * dh + 1) * ((xw - 1) * sw + (kw - 1) * dw + 1)
+        per_channel = taps * self.lanes * 4 * obt  # weight bytes of one input channel
+        if not self.ic_block and (footprint <= 49152 or per_channel * self.in_channels <= 32768):
+            return self.in_channels, 1  # a tile's input, or all the weights, fit L1
+        block = self.ic_block or max(self.in_lanes, (16384 // per_channel) // self.in_lanes * self.in_lanes)
+        block = min(block, self.in_channels)
+        if block >= self.in_channels:
+            return self.in_channels, 1
+        oh, ow = self.out_hw
+        row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
+        band = min(row_tiles, math.ceil(8 / col_tiles))  # about 8 tiles use each weight block
+        bands = math.ceil(row_tiles / band)
+        return block, math.ceil(row_tiles / bands)
 
 
 @dataclass(frozen=True)
@@ -274,6 +300,10 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     if any(len(g) != taps for g in spec.groups):
         raise ValueError("every tap group of one conv must have the same number of taps")
     ngroups, entries, ocb, icb = len(spec.groups), max(spec.entries, 1), spec.out_blocks, spec.in_blocks
+    obt = min(spec.out_tile, ocb)
+    if obt > 1 and not spec.full_dense:
+        raise ValueError("out_tile > 1 needs a full-dense conv (one tap group, every entry)")
+    obg = math.ceil(ocb / obt)  # output block groups; the last one is shifted back to end at OCB
     out = f"{n_}, {ocb}, {oh}, {ow}, {lanes}"
     params = [f"X: T.Buffer(({n_}, {icb}, {spec.height}, {spec.width}, {li}), 'float32')",
               f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
@@ -289,44 +319,102 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     if spec.padded:
         lines += _scratch_copy(n_ * icb, spec.height, spec.width, li, spec.padding, ph, pw)
         source = "Xp"
-    jobs = n_ * ocb * row_tiles
+    block, band = spec.cache_blocks() if spec.full_dense else (spec.in_channels, 1)
+    chunks, bands = math.ceil(spec.in_channels / block), math.ceil(row_tiles / band)
     lines += [
-        f"    for job in T.parallel({jobs}):",
-        f"        ob: T.let = job // {row_tiles} % {ocb}",
-        f"        y0: T.let = T.min(job % {row_tiles} * {ry}, {oh - ry})",
-        f"        for xt in range({col_tiles}):",
-        f"            x0: T.let = T.min(xt * {xw}, {ow - xw})",
-        f"            pix: T.let = job // {row_tiles * ocb} * {icb * ph * pw * li} + (y0 * {sh * pw} + x0 * {sw}) * {li}",
+        f"    for job in T.parallel({n_ * obg * bands}):",
+        f"        g0: T.let = job // {bands} % {obg} * {obt}",
+        f"        ob: T.let = T.min(g0, {ocb - obt})",
+        f"        n: T.let = job // {bands * obg}",
     ]
-    # One accumulator buffer per tile row: TVM keeps buffers under 1 KiB on the stack (LLVM then
-    # holds them in registers); larger ones become a workspace call per tile.
-    for r in range(ry):
-        lines += [f"            acc{r} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
-                  f"            for xi in T.unroll({xw}):",
-                  f"                for l in T.vectorized({lanes}):",
-                  f"                    acc{r}[xi, l] = T.float32(0)"]
-    for g, group in enumerate(spec.groups):
-        # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
-        lines += [
-            f"            for k in range(ptr[ob * {ngroups} + {g}], ptr[ob * {ngroups} + {g + 1}]):",
-            f"                base{g}: T.let = coff[k] + pix",
-        ]
+    ind = "        "
+    if chunks > 1:  # cache blocks of input channels; partial sums of all but the last wait in Y
+        lines += [f"{ind}for icc in range({chunks}):"]
+        ind += "    "
+    if band > 1:
+        lines += [f"{ind}for rb in range({band}):",
+                  f"{ind}    rt: T.let = job % {bands} * {band} + rb",
+                  f"{ind}    y0: T.let = T.min(rt * {ry}, {oh - ry})"]
+    else:
+        lines += [f"{ind}rt: T.let = job % {bands}",
+                  f"{ind}y0: T.let = T.min(rt * {ry}, {oh - ry})"]
+    ind += "    " if band > 1 else ""
+    lines += [f"{ind}for xt in range({col_tiles}):",
+              f"{ind}    x0: T.let = T.min(xt * {xw}, {ow - xw})",
+              f"{ind}    pix: T.let = n * {icb * ph * pw * li} + (y0 * {sh * pw} + x0 * {sw}) * {li}"]
+    ind += "    "
+    # One accumulator buffer per (output block, tile row): TVM keeps buffers under 1 KiB on the
+    # stack (LLVM then holds them in registers); larger ones become a workspace call per tile.
+    accs = [[f"acc{j}_{r}" for r in range(ry)] for j in range(obt)]
+
+    def index(j: int, r: int) -> str:
+        return f"n, ob + {j}, y0 + {r}, x0 + xi, l"
+
+    for row in accs:
+        for acc in row:
+            lines.append(f"{ind}{acc} = T.alloc_buffer(({xw}, {lanes}), 'float32')")
+    init = []
+    for j, row in enumerate(accs):
+        for r, acc in enumerate(row):
+            init += [f"for xi in T.unroll({xw}):", f"    for l in T.vectorized({lanes}):",
+                     f"        {acc}[xi, l] = {{}}".format("T.float32(0)" if chunks == 1 else f"Y[{index(j, r)}]")]
+    if chunks > 1:
+        zero_init = []
+        for j, row in enumerate(accs):
+            for r, acc in enumerate(row):
+                zero_init += [f"for xi in T.unroll({xw}):", f"    for l in T.vectorized({lanes}):",
+                              f"        {acc}[xi, l] = T.float32(0)"]
+        lines += [f"{ind}if icc == 0:"] + [f"{ind}    {x}" for x in zero_init]
+        lines += [f"{ind}else:"] + [f"{ind}    {x}" for x in init]
+    else:
+        lines += [f"{ind}{x}" for x in init]
+
+    def taps_body(group, base: str, weight: str, indent: str) -> list[str]:
+        body = []
         for t, (dy, dx) in enumerate(group):
             for r in range(ry):
-                lines += [
-                    f"                for xi in T.unroll({xw}):",
-                    f"                    for l in T.vectorized({lanes}):",
-                    f"                        acc{r}[xi, l] = acc{r}[xi, l] + {source}[base{g} + "
-                    f"{((r * sh + dy * dh) * pw + dx * dw) * li} + xi * {sw * li}] * wv[(k * {taps} + {t}) * {lanes} + l]",
-                ]
-    for r in range(ry):
-        index = f"job // {row_tiles * ocb}, ob, y0 + {r}, x0 + xi, l"
-        value = epilogue_expression(spec.epilogue, f"acc{r}[xi, l] + bias[ob, l]", f"R[{index}]")
-        lines += [
-            f"            for xi in T.unroll({xw}):",
-            f"                for l in T.vectorized({lanes}):",
-            f"                    Y[{index}] = {value}",
-        ]
+                x = f"{source}[{base} + {((r * sh + dy * dh) * pw + dx * dw) * li} + xi * {sw * li}]"
+                body.append(f"{indent}for xi in T.unroll({xw}):")
+                for j in range(obt):  # one broadcast input feeds the FMAs of every output block
+                    body += [f"{indent}    for l in T.vectorized({lanes}):",
+                             f"{indent}        {accs[j][r]}[xi, l] = {accs[j][r]}[xi, l] + {x} * "
+                             f"wv[{weight} + {(j * spec.in_channels * taps + t) * lanes} + l]"]
+        return body
+
+    if spec.full_dense:
+        # entries in channel order: entry ob * IC + ic; coff of block 0's entries serves every block
+        span = f"icc * {block}, T.min(icc * {block} + {block}, {spec.in_channels})" if chunks > 1 \
+            else f"{spec.in_channels}"
+        lines += [f"{ind}for ic in range({span}):",
+                  f"{ind}    base: T.let = coff[ic] + pix",
+                  f"{ind}    wk: T.let = (ob * {spec.in_channels} + ic) * {taps * lanes}"]
+        lines += taps_body(spec.groups[0], "base", "wk", ind + "    ")
+    else:
+        for g, group in enumerate(spec.groups):
+            # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
+            lines += [
+                f"{ind}for k in range(ptr[ob * {ngroups} + {g}], ptr[ob * {ngroups} + {g + 1}]):",
+                f"{ind}    base{g}: T.let = coff[k] + pix",
+            ]
+            lines += taps_body(group, f"base{g}", f"k * {taps * lanes}", ind + "    ")
+    final, partial = [], []
+    for j in range(obt):
+        for r in range(ry):
+            value = epilogue_expression(spec.epilogue, f"{accs[j][r]}[xi, l] + bias[ob + {j}, l]", f"R[{index(j, r)}]")
+            for out_lines, v in ((final, value), (partial, f"{accs[j][r]}[xi, l]")):
+                if chunks == 1:  # shifted tiles and blocks recompute the same values: no guard
+                    out_lines += [f"for xi in T.unroll({xw}):", f"    for l in T.vectorized({lanes}):",
+                                  f"        Y[{index(j, r)}] = {v}"]
+                else:  # partial sums accumulate: only the tile that owns a pixel stores it
+                    out_lines += [f"for xi in T.unroll({xw}):",
+                                  f"    if y0 + {r} >= rt * {ry} and x0 + xi >= xt * {xw} and ob + {j} >= g0:",
+                                  f"        for l in T.vectorized({lanes}):",
+                                  f"            Y[{index(j, r)}] = {v}"]
+    if chunks > 1:
+        lines += [f"{ind}if icc == {chunks - 1}:"] + [f"{ind}    {x}" for x in final]
+        lines += [f"{ind}else:"] + [f"{ind}    {x}" for x in partial]
+    else:
+        lines += [f"{ind}{x}" for x in final]
     return "\n".join(lines)
 
 
