@@ -180,6 +180,7 @@ OPSET_CASES = {
     ("Pad", 1): one("Pad", dict(paddings=[0, 0, 1, 1, 0, 0, 1, 1]), opset=1),
     ("Concat", 3): one("Concat", {}, ["x", "x"], opset=3),
     ("Split", 1): one("Split", {}, ["x"], outputs=("a", "b"), opset=1),
+    ("Selu", 5): one("Selu", {}, opset=5),
 }
 
 

@@ -20,6 +20,15 @@ newer opset than was audited) is refused too, and so is any op not in :data:`ATT
 those that TVM's importer lacks (checked against its convert map at call time) and those it has
 but that were not audited here. Conditions that depend on several attributes, on input shapes or
 on constant inputs are listed in :data:`CONDITIONS` and checked by the function named there.
+
+Model inputs, initializers and Constant/ConstantOfShape values must be float32 (or integer/bool
+for shapes and indices): the compiler builds float32 models only. Nodes outside the standard
+domain are refused, since TVM's importer ignores ``node.domain``. Subgraphs of If are walked
+(TVM's own unsupported-op check looks at the top graph only); Loop and Scan have no converter.
+
+Constant ``value_int(s)``/``value_float(s)`` are let through: TVM's converter rejects them loudly,
+and the frontend's constant folding turns them into initializers before import. Everything this
+module checks is a property of the ONNX file, so it is meant to run on the model as given.
 """
 from __future__ import annotations
 
@@ -194,6 +203,8 @@ OPSETS: dict[str, list[tuple[int, int, str, str]]] = {
     "Pad": [(1, 1, "rejected", "Pad-1 paddings attribute is not read")],
     "Concat": [(1, 3, "wrong", "Concat-1 axis defaults to 1, the converter defaults to 0")],
     "Split": [(1, 1, "ignored", "Split-1 split input is not read")],
+    "Selu": [(1, 5, "wrong", "Selu-1 defaults (alpha=1.6732, gamma=1.0507) differ from Selu-6's, "
+              "which the converter always uses")],
 }
 
 #: op -> {output index: (output, kind, why)}: outputs that must not be used (empty name or absent).
