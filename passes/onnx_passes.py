@@ -103,9 +103,3 @@ def verify(model: onnx.ModelProto) -> PatternMetadata | None:
                                 f"{group}; the metadata says {entry.shape} with group 1")
         contract.check_weight(entry, weight, metadata.library, where)
     return metadata
-
-
-def check_weight(entry, weight: np.ndarray, metadata: PatternMetadata, where: str) -> None:
-    """TRANSITIONAL (issue 12): ``contract.check_weight`` with the metadata instead of its library,
-    for ``passes/relax_passes.py`` until it calls the contract; then delete."""
-    contract.check_weight(entry, weight, metadata.library, where)

@@ -16,7 +16,6 @@ from onnx import numpy_helper
 
 from ..config import parse_recipe
 from ..contract import MODEL_INFO_KEY, LayerEntry, MetadataError, PatternMetadata
-from ..contract import load_onnx, model_info  # noqa: F401  TRANSITIONAL re-export for compile/build.py
 from ..data import BatchIterator, load_data
 from ..errors import ExportError
 from ..fileio import atomic_write
