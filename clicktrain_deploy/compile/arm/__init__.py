@@ -4,6 +4,7 @@ The runner (runner.cc) links the aarch64 ``libtvm_runtime.so``/``libtvm_ffi.so``
 PyPI wheels; ``setup_arm`` fetches and builds them once (``scripts/setup.sh`` calls it), into
 ``$CLICKTRAIN_ARM_ROOT`` or ``.arm64/`` at the repository root. Emulated time says nothing
 about ARM speed; instruction counts with one thread and a pinned ``-cpu`` are deterministic.
+``ort`` (same folder) runs onnxruntime's own aarch64 build the same way, for comparison.
 """
 from __future__ import annotations
 

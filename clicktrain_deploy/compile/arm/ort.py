@@ -148,7 +148,8 @@ def run_onnxruntime_arm(onnx_path: str | Path, inputs: list[np.ndarray], *, runs
                         root: Path | None = None) -> tuple[list[np.ndarray], int | None]:
     """Run ``onnx_path`` ``runs`` times in one process with onnxruntime's aarch64 build under
     ``qemu-aarch64 -cpu cpu`` (one thread); return the outputs (model order) and, with
-    ``count``, the guest instructions retired by the whole process."""
+    ``count``, the guest instructions retired by the whole process. ``onnx_path`` must be a
+    single-file model (no external data): it is copied into the run's working folder."""
     if not ort_arm_available(root):
         raise ArmRunError(f"{ort_root(root)}: aarch64 onnxruntime missing; run scripts/setup.sh")
     base, plugin = ort_root(root), (root or arm_root()) / "libicount.so"
