@@ -24,6 +24,12 @@ a row or column is shifted back to end at the map's edge (it recomputes a few ou
 same values), so odd sizes need neither padding of the output nor guards in the inner loops.
 A padded conv first copies its input into a zero-padded scratch; an unpadded one reads X directly.
 
+Full-dense convs (one tap group, every entry: ``ConvSpec.full_dense``) index their entries
+directly and take two more schedule knobs: ``out_tile`` output blocks per register tile (one
+broadcast input feeds that many FMAs; on AVX-512 (8, 1) or (7, 1) tiles with out_tile 2 measured
+best, 16 accumulators + 2 weight vectors of 32 registers), and ``ic_block`` input channels per
+cache block (``ConvSpec.cache_blocks``: automatic for deep layers on small maps).
+
 Epilogue: a tuple of steps applied in order to v = acc + bias[lane] (``epilogue_expression``):
   ("residual",) v + R   ("relu",)   ("clip", lo, hi)   ("hardsigmoid", alpha, beta)
   ("hardswish", alpha, beta)   ("sigmoid",)   ("silu",)
