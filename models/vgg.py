@@ -75,9 +75,10 @@ class ImageNetVGG(nn.Module):
     Dropout-Linear(4096, classes).
 
     Input (N, in_channels, H, W), H and W >= 1 (224 by default: 7x7 maps reach the pool, which
-    is then the identity); output logits (N, num_classes). ONNX export needs the final map's
-    side to be a multiple of 7 or 1 (inputs of 224 or 448; 32 or less), as the ONNX exporter
-    writes an adaptive pool only where it is a plain average pool.
+    is then the identity); output logits (N, num_classes). Smaller maps are spread over the 7x7
+    grid by the adaptive pool, as in torchvision. The TorchScript ONNX exporter (``dynamo=False``)
+    refuses that pool unless the map's side is a multiple of 7 (inputs of 224, 448, ...); the
+    dynamo exporter, which the project's export uses, decomposes it and exports any size.
     """
 
     def __init__(self, config: list, num_classes: int, in_channels: int) -> None:
