@@ -226,3 +226,18 @@ def test_foreign_torch_exports_compile_and_match_onnxruntime(net, opset, target,
         image = np.random.default_rng(1).standard_normal((1, 3, 37, 45)).astype(np.float32)
         expected = onnxruntime_session(path.read_bytes()).run(None, {"image": image})[0]
         np.testing.assert_allclose(run_images(built.library, image), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_one_feature_classifier_is_not_miscompiled(tmp_path):
+    """Regression (found by test_compile_property): inlining the bias add of a matmul whose
+    reduction has extent 1 into the reduction added the bias twice."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 1, 1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 1)).astype(np.float32), "fc"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "fcb")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "g.onnx")
+    built = compile_model(tmp_path / "g.onnx", "x86", tmp_path / "g.so", measure=False)
+    assert built.manifest["check"]["status"] == "passed" and built.manifest["check"]["max_abs_diff"] < 1e-6
