@@ -154,7 +154,7 @@ def main() -> None:
     def save() -> None:
         atomic_write_json(out_json, results)
         atomic_write_text(args.out.with_suffix(".md"), "\n".join(
-            to_markdown(rec, f"**{key}** ({rec.get('source', {}).get('kind', '')}). ")
+            to_markdown({**rec, "harness": results["harness"]}, f"**{key}** ({rec.get('source', {}).get('kind', '')}). ")
             for key, rec in results["models"].items() if rec.get("timings")))
 
     for kind, name in [("model", m) for m in args.model] + [("run", r) for r in args.run]:
@@ -211,11 +211,15 @@ def main() -> None:
 def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[str], model) -> None:
     """ARM instruction counts not yet recorded: ours sparse and dense, and onnxruntime-aarch64
     where ``bench.arm`` offers ``onnxruntime_arm_instructions``."""
-    from clicktrain_deploy.bench import arm as arm_bench
     from clicktrain_deploy.bench.host import model_input
 
     counts = record.setdefault("arm", {})
     counts["cpu"] = cpu
+    try:
+        from clicktrain_deploy.bench import arm as arm_bench
+    except ImportError as exc:
+        record["errors"]["arm"] = f"{type(exc).__name__}: {exc}"
+        return
     for runtime, sparse in (("ours_sparse", True), ("ours_dense", False)):
         if runtime in wanted and runtime not in counts:
             try:
