@@ -195,6 +195,29 @@ class _TinyImageNetResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class _TinyDetector(nn.Module):
+    """Detector-style ops: ConvTranspose, Resize (by size and by scale), Concat, BN unfolded, a
+    MatMul attention-like head with Softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1))
+        self.deeper = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(32, 16, 2, 2)
+        self.fuse = nn.Conv2d(48, 24, 1)
+        self.query = nn.Linear(24, 24)
+
+    def forward(self, x):
+        a = self.down(x)
+        b = self.deeper(a)
+        up = nn.functional.interpolate(b, size=a.shape[2:], mode="nearest")
+        c = self.fuse(torch.cat([self.up(b)[..., :a.shape[2], :a.shape[3]] + a, up], 1))
+        c = nn.functional.interpolate(c, scale_factor=2.0, mode="bilinear", align_corners=False)
+        tokens = c.flatten(2).transpose(1, 2)  # (N, HW, C)
+        attention = torch.softmax(self.query(tokens) @ tokens.transpose(1, 2) / 5.0, -1)
+        return (attention @ tokens).mean(1)
+
+
 def _export_foreign(model: nn.Module, path, shape, opset: int, dynamic: bool = True) -> None:
     torch.manual_seed(0)
     for module in model.modules():  # trained-looking BN statistics, so folding them matters
@@ -208,7 +231,7 @@ def _export_foreign(model: nn.Module, path, shape, opset: int, dynamic: bool = T
 
 
 @pytest.mark.parametrize("target", ["x86", "cortex-a72"])
-@pytest.mark.parametrize("net, opset", [(_TinyMobileNet, 13), (_TinyImageNetResNet, 11)])
+@pytest.mark.parametrize("net, opset", [(_TinyMobileNet, 13), (_TinyImageNetResNet, 11), (_TinyDetector, 12)])
 def test_foreign_torch_exports_compile_and_match_onnxruntime(net, opset, target, tmp_path):
     path = tmp_path / "foreign.onnx"
     _export_foreign(net(), path, (1, 3, 40, 40), opset)

@@ -1,11 +1,11 @@
 """ONNX file -> Relax module through TVM's own importer, ``tvm.relax.frontend.onnx.from_onnx``.
 
-The graph is first checked against what the importer honours (``onnx_support``: an op or
-attribute it would drop or get wrong is refused, naming node, op and attribute), then normalised
-with well-kept tools: every input dimension fixed (the model's own, or the caller's
-``input_shapes`` for symbolic ones), ONNX shape inference, and onnxscript's optimizer (constant
-folding), which turns run-time shape subgraphs (Shape -> Gather -> Concat -> Reshape) into
-constants the importer can read. BatchNorm folding and the rest happen on the Relax module
+The graph is normalised with well-kept tools: every input dimension fixed (the model's own, or
+the caller's ``input_shapes`` for symbolic ones), ONNX shape inference, and onnxscript's
+optimizer (constant folding), which turns run-time shape subgraphs (Shape -> Gather -> Concat ->
+Reshape) into constants the importer can read; then checked against what the importer honours
+(``onnx_support``: an op or attribute it would drop or get wrong is refused, naming node, op and
+attribute). BatchNorm folding and the rest happen on the Relax module
 (``passes.prepare``).
 """
 from __future__ import annotations
@@ -112,7 +112,18 @@ def normalise(model: onnx.ModelProto, inputs: list[TensorInfo]) -> onnx.ModelPro
         fixed = onnxscript.optimizer.optimize(fixed)
     except Exception as error:  # noqa: BLE001 (onnx and onnxscript raise many kinds)
         raise CompileError(f"the model cannot be normalised at input shapes {shapes}: {error}") from error
+    _drop_empty_resize_scales(fixed)
     return fixed
+
+
+def _drop_empty_resize_scales(model: onnx.ModelProto) -> None:
+    """A Resize given ``sizes`` with an empty ``scales`` tensor (torch's opset-11 export of
+    interpolate(size=...)) means "no scales": say so with an empty input name, as ONNX allows
+    and the importer expects."""
+    empty = {t.name for t in model.graph.initializer if 0 in t.dims}
+    for node in model.graph.node:
+        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] and node.input[2] in empty:
+            node.input[2] = ""
 
 
 def _conv_names(model: onnx.ModelProto) -> list[str]:
@@ -133,10 +144,10 @@ def import_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict[str, lis
 
     original = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
     opset = opset_of(original)
-    check_supported(original, opset)
     metadata = read_metadata(original)
     inputs = resolve_input_shapes(original, input_shapes, batch)
     normalised = normalise(original, inputs)
+    check_supported(normalised, opset)  # what the importer will read (node names are kept)
     try:
         module = from_onnx(normalised, shape_dict={i.name: i.shape for i in inputs}, opset=opset,
                            keep_params_in_input=False)
