@@ -302,6 +302,14 @@ def test_accumulators_need_no_workspace_call(target, lanes, tile):
     assert len(calls) == 1 and "%Xp = " in calls[0]
 
 
+def test_dense_schedule_needs_no_workspace_call():
+    """Two output blocks per tile and input-channel cache blocks: still only the scratch."""
+    spec = ConvSpec(64, 48, 12, 12, 16, 16, (all_taps(3, 3),), 3 * 64, tile=(8, 1), out_tile=2, ic_block=16,
+                    epilogue=RESIDUAL_RELU)
+    calls = _workspace_calls(spec, "x86")
+    assert spec.cache_blocks()[0] == 16 and len(calls) == 1 and "%Xp = " in calls[0]
+
+
 def test_unpadded_conv_needs_no_workspace_at_all():
     spec = ConvSpec(32, 32, 9, 9, 16, 16, (((0, 0),),), 64, kernel=(1, 1), padding=(0, 0, 0, 0), batch=2)
     assert _workspace_calls(spec, "x86") == []
