@@ -42,9 +42,20 @@ class DataConfig(_Strict):
     test_batch_size: int = Field(1000, ge=1)
     crop_padding: int = Field(2, ge=0)
     flip: bool = True
-    # image_folder only: resize target and planes.
-    image_size: int = Field(32, ge=8)
+    # image_folder only: crop size (None: the model's default input size, 224 for the ImageNet
+    # models and user models, 32 for the CIFAR-style ones) and planes.
+    image_size: int | None = Field(None, ge=8)
     channels: Literal[1, 3] = 3
+    # image_folder only: DataLoader worker processes decoding images (None: min(4, cores));
+    # how fast, not what is trained.
+    workers: int | None = Field(None, ge=0)
+    # image_folder only: skip (and count) unreadable images instead of stopping at the first.
+    skip_corrupt: bool = False
+    # Normalisation per channel in [0, 1] units; None: the dataset's own (image folders: computed
+    # on ``stats_images`` training images, then recorded in the checkpoint and model info).
+    mean: list[float] | None = Field(None, min_length=1)
+    std: list[float] | None = Field(None, min_length=1)
+    stats_images: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _known(self) -> "DataConfig":
@@ -52,13 +63,30 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown dataset {self.name!r}; known: {', '.join(DATASETS.names())}")
         if self.name == "image_folder" and not self.root:
             raise ValueError("data.root is required for image_folder")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both data.mean and data.std, or neither")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"data.mean has {len(self.mean)} values, data.std {len(self.std)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.std values must be > 0, got {self.std}")
         return self
 
+    def resolve_image_size(self, model: "ModelConfig") -> None:
+        """Fill ``image_size`` from the model when the recipe leaves it out: a registry model's
+        default input size, 224 for a user's model."""
+        if self.image_size is None:
+            self.image_size = (MODELS.get(model.name).default_config.input_size[-1]
+                               if model.name is not None else 224)
+
     def loader_options(self) -> dict:
-        """Keyword arguments the chosen loader takes beyond its root."""
+        """Keyword arguments the chosen loader takes beyond its root (``load_data`` takes mean
+        and std for every dataset)."""
+        options = {} if self.mean is None else {"mean": self.mean, "std": self.std}
         if self.name == "image_folder":
-            return {"image_size": self.image_size, "channels": self.channels}
-        return {}
+            options.update(image_size=self.image_size or 224, channels=self.channels,
+                           workers=self.workers, skip_corrupt=self.skip_corrupt,
+                           stats_images=self.stats_images)
+        return options
 
 
 class ScheduleConfig(_Strict):
@@ -146,6 +174,11 @@ class Recipe(_Strict):
         restarts = self.schedule.restarts
         if restarts and not (0 < restarts[0] and restarts[-1] < epochs):
             raise ValueError(f"schedule.restarts ({restarts}) must lie in 1..{epochs - 1}")
+        return self
+
+    @model_validator(mode="after")
+    def _data_image_size(self) -> "Recipe":
+        self.data.resolve_image_size(self.model)
         return self
 
 

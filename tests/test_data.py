@@ -1,6 +1,7 @@
 import gzip
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,6 +64,11 @@ def test_cifar10_python_batches(fmnist, tmp_path):
 
 
 def test_image_folder_reads_real_pngs(fmnist, tmp_path):
+    # Streamed from disk (tests/test_image_folder.py covers transforms, determinism, shards):
+    # the splits hold file lists; at image_size 28 the evaluation transform (resize the shorter
+    # side to int(28 / 0.875) = 32, center-crop 28) is what batches carry.
+    from clicktrain_deploy.data.folder import eval_transform
+
     written = {}
     for split, source in (("train", fmnist.train), ("test", fmnist.test)):
         for label in (0, 1):
@@ -72,14 +78,21 @@ def test_image_folder_reads_real_pngs(fmnist, tmp_path):
             for k, i in enumerate(index.tolist()):
                 Image.fromarray(source.images[i, 0].numpy()).save(folder / f"{k}.png")
             written[split, label] = source.images[index]
-    data = image_folder(str(tmp_path), image_size=28, channels=1)
+    data = image_folder(str(tmp_path), image_size=28, channels=1, workers=0)
     assert data.classes == ["class0", "class1"]
     assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(data.train.images, torch.cat([written["train", 0], written["train", 1]]))
-    assert torch.equal(data.test.images[3:], written["test", 1])
+    assert [f.decode() for f in data.train.files] == [f"class{c}/{k}.png" for c in (0, 1) for k in range(3)]
+    assert data.input_shape == (1, 28, 28)
+    inputs, labels = next(iter(BatchIterator(data.test, 6, [0.0], [1.0], train=False).epoch(0)))
+    originals = torch.cat([written["test", 0], written["test", 1]])
+    expected = torch.stack([torch.from_numpy(np.array(eval_transform(Image.fromarray(x[0].numpy()), 28)))
+                            for x in originals])[:, None]
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(torch.round(inputs * 255).to(torch.uint8), expected)
     (tmp_path / "train" / "class1" / "broken.png").write_bytes(b"\x89PNG broken")
+    data = image_folder(str(tmp_path), image_size=28, channels=1, workers=0)
     with pytest.raises(DataError, match="broken.png: not a readable image"):
-        image_folder(str(tmp_path), image_size=28, channels=1)
+        list(BatchIterator(data.train, 7, [0.0], [1.0], train=False).epoch(0))
 
 
 def test_image_folder_layout_errors(tmp_path):

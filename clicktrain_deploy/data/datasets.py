@@ -1,8 +1,10 @@
 """Dataset loaders: Fashion-MNIST (Debian IDX files), CIFAR-10 python batches, image folders.
 
-Each loader returns an ``ImageData``: uint8 images (N, C, H, W), int64 labels (N,), class names
-and the per-channel mean/std used to normalise. Nothing is downloaded; a missing or malformed
-file raises ``DataError`` naming the path and what was expected.
+Each loader returns an ``ImageData``: train and test splits, class names and the per-channel
+mean/std used to normalise. Fashion-MNIST and CIFAR-10 are small and held in memory (``Split``:
+uint8 images (N, C, H, W), int64 labels (N,)); image folders are streamed from disk
+(``folder.FolderSplit``: file lists only, decoded in DataLoader workers). Nothing is downloaded;
+a missing or malformed file raises ``DataError`` naming the path and what was expected.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..registry import Registry
+from .folder import IMAGE_SUFFIXES, FolderSplit, channel_stats, list_folder
 
 DATASETS: Registry = Registry("dataset")
 
@@ -25,7 +28,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+STATS_IMAGES = 500  # image folders: training images sampled for mean/std when the recipe gives none
 
 
 @dataclass
@@ -38,31 +41,92 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index) -> "Split":
+        """The split restricted to ``index`` (a tensor or array of positions)."""
+        index = torch.as_tensor(index)
+        return Split(self.images[index], self.labels[index])
+
 
 @dataclass
 class ImageData:
     """Train and test splits plus what a model needs to know about them."""
 
-    train: Split
-    test: Split
+    train: Split | FolderSplit
+    test: Split | FolderSplit
     classes: list[str]
     mean: list[float]
     std: list[float]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
+        """(C, H, W) of one image (as batches deliver it: after the folder's crop)."""
+        if isinstance(self.train, FolderSplit):
+            return (self.train.channels, self.train.image_size, self.train.image_size)
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether images are decoded from disk batch by batch (an image folder)."""
+        return isinstance(self.train, FolderSplit)
+
+
+class FolderData(ImageData):
+    """An image folder's ``ImageData``: when no mean/std were given, they are computed on first
+    use from ``STATS_IMAGES`` training images (a fixed sample of the whole train folder, so
+    subsets and seeds do not change it), with the evaluation transform."""
+
+    def __init__(self, train: FolderSplit, test: FolderSplit, classes: list[str],
+                 mean: list[float] | None, std: list[float] | None,
+                 stats_images: int = STATS_IMAGES) -> None:
+        self._full_train = train
+        self._stats_images = stats_images
+        super().__init__(train, test, classes, mean, std)  # type: ignore[arg-type]
+
+    def _stats(self) -> None:
+        if self._mean is None or self._std is None:
+            mean, std = channel_stats(self._full_train, self._stats_images)
+            self._mean = self._mean if self._mean is not None else mean
+            self._std = self._std if self._std is not None else std
+
+    @property  # type: ignore[override]
+    def mean(self) -> list[float]:
+        self._stats()
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: list[float] | None) -> None:
+        self._mean = value
+
+    @property  # type: ignore[override]
+    def std(self) -> list[float]:
+        self._stats()
+        return self._std
+
+    @std.setter
+    def std(self, value: list[float] | None) -> None:
+        self._std = value
 
 
 def load_data(name: str, root: str | None = None, train_subset: int | None = None,
-              seed: int = 0, test_subset: int | None = None, **options) -> ImageData:
+              seed: int = 0, test_subset: int | None = None, mean: list[float] | None = None,
+              std: list[float] | None = None, **options) -> ImageData:
     """Load dataset ``name`` from ``root`` (its default when None).
 
     ``train_subset`` keeps a class-balanced random subset of that many training images, drawn with
-    ``seed``, for short runs; ``test_subset`` does the same for the test split.
+    ``seed``, for short runs; ``test_subset`` does the same for the test split. ``mean``/``std``
+    (per channel, in [0, 1] units) replace the dataset's own normalisation.
     """
+    if (mean is None) != (std is None):
+        raise DataError(f"{name}: give both mean and std, or neither")
+    if mean is not None and name == "image_folder":
+        options = {**options, "mean": mean, "std": std}
     data = DATASETS.get(name)(root, **options) if root else DATASETS.get(name)(**options)
+    if mean is not None:
+        planes = data.input_shape[0]
+        if len(mean) != planes or len(std) != planes:
+            raise DataError(f"{name}: data.mean/data.std have {len(mean)}/{len(std)} values for "
+                            f"{planes}-plane images")
+        data.mean, data.std = list(mean), list(std)
     if train_subset is not None and train_subset < len(data.train):
         data.train = _balanced_subset(data.train, train_subset, len(data.classes), seed)
     if test_subset is not None and test_subset < len(data.test):
@@ -75,13 +139,7 @@ def _balanced_subset(split: Split, size: int, num_classes: int, seed: int) -> Sp
     labels = split.labels.numpy()
     per_class = size // num_classes
     picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
-    index = torch.from_numpy(np.sort(np.concatenate(picked)))
-    return Split(split.images[index], split.labels[index])
-
-
-def _channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
-    sample = images[:5000].float() / 255.0
-    return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
+    return split.take(np.sort(np.concatenate(picked)))
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -145,34 +203,20 @@ def cifar10(root: str = "cifar-10-batches-py") -> ImageData:
                      CIFAR10_CLASSES, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
 
 
-def _read_folder(base: Path, classes: list[str], size: int, channels: int) -> Split:
-    from PIL import Image, UnidentifiedImageError
-
-    mode = {1: "L", 3: "RGB"}[channels]
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (base / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert(mode).resize((size, size), Image.BILINEAR)
-                    array = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path}: not a readable image ({exc})") from None
-            images.append(array.reshape(size, size, channels).transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{base}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))} "
-                        "files in one sub-folder per class)")
-    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
-
-
 @DATASETS.register("image_folder")
-def image_folder(root: str, image_size: int = 32, channels: int = 3) -> ImageData:
-    """Users' images: ``root/train/<class>/*.png`` and ``root/test/<class>/*`` (or ``val``).
+def image_folder(root: str, image_size: int = 32, channels: int = 3, workers: int | None = None,
+                 skip_corrupt: bool = False, mean: list[float] | None = None,
+                 std: list[float] | None = None, stats_images: int = STATS_IMAGES) -> FolderData:
+    """Users' images: ``root/train/<class>/*.png`` and ``root/test/<class>/*`` (or ``val``),
+    the ImageNet layout; streamed from disk (see ``data.folder``), never decoded whole.
 
-    Images are converted to ``channels`` planes (1 or 3) and resized to image_size x image_size.
-    Class names come from the train sub-folders, sorted; test must have the same classes.
+    Images are converted to ``channels`` planes (1 or 3), cropped to image_size x image_size
+    (random-resized crops for training, resize + center crop for evaluation) and decoded by
+    ``workers`` DataLoader processes (None: min(4, cores)). Class names come from the train
+    sub-folders, sorted; test must have the same classes. ``mean``/``std``: the normalisation,
+    computed on ``stats_images`` training images when not given. Unreadable files raise
+    ``DataError`` naming them when batches reach them, or are skipped and counted with
+    ``skip_corrupt``.
     """
     if channels not in (1, 3):
         raise DataError(f"{root}: channels must be 1 or 3, got {channels}")
@@ -188,7 +232,8 @@ def image_folder(root: str, image_size: int = 32, channels: int = 3) -> ImageDat
         raise DataError(f"{train_dir}: no class folders found")
     if test_classes != classes:
         raise DataError(f"{test_dir}: classes {test_classes} differ from {train_dir}'s {classes}")
-    train = _read_folder(train_dir, classes, image_size, channels)
-    test = _read_folder(test_dir, classes, image_size, channels)
-    mean, std = _channel_stats(train.images)
-    return ImageData(train, test, classes, mean, std)
+    splits = []
+    for folder in (train_dir, test_dir):
+        files, labels = list_folder(folder, classes)
+        splits.append(FolderSplit(folder, files, labels, image_size, channels, workers, skip_corrupt))
+    return FolderData(splits[0], splits[1], classes, mean, std, stats_images)

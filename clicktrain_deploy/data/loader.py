@@ -1,6 +1,8 @@
 """Deterministic batching: the order and augmentation of epoch e depend only on (seed, e).
 
-That makes an interrupted run resumable with exactly the batches it would have seen.
+That makes an interrupted run resumable with exactly the batches it would have seen. In-memory
+splits are batched here; an image folder's ``FolderSplit`` is streamed by ``folder.FolderBatches``
+(``BatchIterator(folder_split, ...)`` returns one), with the same order and interface.
 """
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .. import distributed
+from ..errors import RecipeError
 from .datasets import Split
+from .folder import FolderBatches, FolderSplit
 
 
 def augment_batch(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
@@ -37,7 +42,13 @@ class BatchIterator:
 
     Training iterators shuffle with a generator seeded by (seed, epoch) and augment; test
     iterators keep the order. ``drop_last`` keeps every training step the same size.
+    Given a ``FolderSplit`` it returns a ``FolderBatches`` streaming the folder instead.
     """
+
+    def __new__(cls, split, *args, **kwargs):
+        if cls is BatchIterator and isinstance(split, FolderSplit):
+            return FolderBatches(split, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, split: Split, batch_size: int, mean: list[float], std: list[float], *,
                  train: bool, seed: int = 0, crop_padding: int = 0, flip: bool = False) -> None:
@@ -68,3 +79,21 @@ class BatchIterator:
                 images = augment_batch(images, self.crop_padding, self.flip, generator)
             inputs = (images.float() / 255.0 - self.mean) / self.std
             yield inputs, self.split.labels[index]
+
+
+def make_batches(split: Split | FolderSplit, batch_size: int, mean: list[float], std: list[float], *,
+                 train: bool, seed: int = 0, crop_padding: int = 0, flip: bool = False,
+                 even: bool = True):
+    """This process's batches of ``split``: ``distributed.shard`` of a ``BatchIterator`` for an
+    in-memory split; for a folder a ``FolderBatches`` whose sampler decodes only this rank's
+    share of each global batch (the same samples ``ShardedBatches`` would slice out)."""
+    if not isinstance(split, FolderSplit):
+        return distributed.shard(BatchIterator(split, batch_size, mean, std, train=train, seed=seed,
+                                               crop_padding=crop_padding, flip=flip), even=even)
+    world = distributed.world_size()
+    if even and batch_size % world:
+        raise RecipeError(f"data.batch_size ({batch_size}) is the global batch and "
+                          f"must split evenly over the {world} processes")
+    return FolderBatches(split, batch_size, mean, std, train=train, seed=seed, flip=flip,
+                         rank=distributed.rank() if distributed.is_distributed() else 0,
+                         world_size=world, device=distributed.device())

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import Recipe
-from ..data import BatchIterator, ImageData, load_data
+from ..data import BatchIterator, ImageData, load_data, make_batches
 from ..errors import CheckpointError, RecipeError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..models import create_model
@@ -119,7 +119,7 @@ def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Genera
 
 def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
     """Refuse to resume under a recipe that would train differently from the saved one."""
-    ignored = {"output_dir", "keep_checkpoints", "schedule.threads"}
+    ignored = {"output_dir", "keep_checkpoints", "schedule.threads", "data.workers"}
     if recipe.pruning.method == "dense" == saved["recipe"]["pruning"]["method"]:
         ignored |= {f"pruning.{key}" for key in recipe.pruning.model_fields}
     current, before = recipe.model_dump(exclude={"deploy"}), saved["recipe"]  # deploy: after training
@@ -146,14 +146,14 @@ class _Run:
         self.model = create_model(recipe.model.name, len(data.classes), data.input_shape[0])
         self.net = distributed.wrap(self.model)  # DDP when distributed: what training steps call
         d = recipe.data
-        self.train_batches = distributed.shard(BatchIterator(
+        self.train_batches = make_batches(
             data.train, d.batch_size, data.mean, data.std, train=True, seed=recipe.seed,
-            crop_padding=d.crop_padding, flip=d.flip))
+            crop_padding=d.crop_padding, flip=d.flip)
         if len(self.train_batches) == 0:
             raise RecipeError(f"data.batch_size ({d.batch_size}) is larger than the "
                               f"{len(data.train)} training images")
-        self.test_batches = distributed.shard(
-            BatchIterator(data.test, d.test_batch_size, data.mean, data.std, train=False), even=False)
+        self.test_batches = make_batches(data.test, d.test_batch_size, data.mean, data.std,
+                                         train=False, even=False)
         s = recipe.schedule
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
                                          weight_decay=s.weight_decay)
@@ -220,9 +220,13 @@ class _Run:
             loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             count += len(labels)
+            rate = count * distributed.world_size() / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=1, stats=f"loss {loss_sum / count:.3f} "
-                            f"acc {100 * correct / count:5.2f}% sparsity {100 * sparsity:4.1f}%")
+                            f"acc {100 * correct / count:5.2f}% sparsity {100 * sparsity:4.1f}% "
+                            f"{rate:,.0f} img/s")
         train_seconds = time.perf_counter() - started
+        skipped = getattr(self.train_batches, "skipped", None)  # image folders' unreadable files
+        skipped_train = skipped.count if skipped else 0
         loss_sum, penalty_sum, correct, count = distributed.all_reduce_sums(
             loss_sum, penalty_sum, correct, count)
         pruner.end_epoch(self.context(epoch))
@@ -231,6 +235,9 @@ class _Run:
                 epoch, limit=recipe.schedule.bn_recalibration_batches))
         distributed.average_buffers(self.model)
         test_loss, test_acc = evaluate(self.model, self.test_batches)
+        skipped = getattr(self.test_batches, "skipped", None)
+        skipped_train, skipped_test = distributed.all_reduce_sums(
+            skipped_train, skipped.count if skipped else 0)
         report = self.report()
         return {
             "epoch": epoch, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
@@ -239,6 +246,8 @@ class _Run:
             "pruned_layer_compression": report.compression["pruned_layers"],
             "paper_conv_compression": report.compression["paper_convs"],
             "epoch_seconds": train_seconds, "train_flops": flops_per_image * count,
+            "images_per_second": count / train_seconds if train_seconds else 0.0,
+            "skipped_train_images": int(skipped_train), "skipped_test_images": int(skipped_test),
         }
 
 
@@ -266,6 +275,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     d = recipe.data
     data = load_data(d.name, d.root, d.train_subset, recipe.seed, d.test_subset, **d.loader_options())
     run = _Run(recipe, data)
+    if distributed.is_main():  # normalisation as trained (image folders: computed on a sample)
+        atomic_write_json(output / "data.json", run.data_info)
     if existing:
         saved = distributed.from_main(lambda: load_checkpoint(existing[-1]))
         _check_resumable(recipe, saved, saved["path"])
@@ -292,7 +303,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             bar.console.print(
                 f"epoch {epoch:3d} {row['phase']:10s} loss {row['train_loss']:.4f} "
                 f"test acc {row['test_accuracy']:6.2f}%  compression "
-                f"{row['paper_conv_compression']:.2f}x  {row['epoch_seconds']:.1f}s")
+                f"{row['paper_conv_compression']:.2f}x  {row['epoch_seconds']:.1f}s"
+                + (f"  skipped {row['skipped_train_images']} train / {row['skipped_test_images']} "
+                   "test unreadable images" if row["skipped_train_images"] + row["skipped_test_images"]
+                   else ""))
     report = run.report()
     if distributed.is_main():
         atomic_write_json(output / "sparsity.json", report.to_dict())
