@@ -162,13 +162,17 @@ def _example_inputs(model: nn.Module, graph: fx.Graph) -> list[torch.Tensor]:
     """Candidate inputs (batch 2) for the first layer the input reaches: a conv's planes at a few
     sizes, or a linear's features."""
     modules = dict(model.named_modules())
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
     for node in graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(layer, _CONV):
             spatial = len(layer.kernel_size)
-            return [torch.randn(2, layer.in_channels, *[side] * spatial) for side in (32, 64, 224, 28)]
+            return [torch.randn(2, layer.in_channels, *[side] * spatial, device=device, dtype=dtype)
+                    for side in (32, 64, 224, 28)]
         if isinstance(layer, nn.Linear):
-            return [torch.randn(2, layer.in_features)]
+            return [torch.randn(2, layer.in_features, device=device, dtype=dtype)]
     raise PruningError(f"model {type(model).__name__}: no conv or linear layer to prune")
 
 
@@ -266,8 +270,8 @@ class _ChannelTracer:
         tensors = self.tensor_args(node)
         value = self.values[tensors[0]] if len(tensors) == 1 else None
         if isinstance(module, _CONV) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
-            if value is None or value.cdim != 1:
-                return self.refuse(node, "reads a tensor whose channel dimension is not known")
+            if value is None or value.cdim not in (None, 1):
+                return self.refuse(node, "reads a tensor whose channel dimension is not dim 1")
             self.inputs[name] = tensors[0]
             out = self.layer(name, 0, "producer", node)
             if module.groups == 1:
@@ -283,16 +287,15 @@ class _ChannelTracer:
                 self.freeze(out, reason)
             self.values[node] = _Value(out, 1, _shape(node))
         elif isinstance(module, nn.Linear):
-            if value is None or value.shape is None or value.cdim != len(value.shape) - 1:
-                return self.refuse(node, "reads features that are not one per channel of a known "
-                                         "set (a flatten or view this tracer cannot follow)")
+            if value is None or value.shape is None or value.cdim not in (None, len(value.shape) - 1):
+                return self.refuse(node, "reads a tensor whose channels are not its last dimension")
             self.inputs[name] = tensors[0]
             self.union(value.key, self.layer(name, 1, "consumer", node))
             shape = _shape(node)
             self.values[node] = _Value(self.layer(name, 0, "producer", node), len(shape) - 1, shape)
         elif isinstance(module, _NORM):
-            if value is None or value.cdim != 1:
-                return self.refuse(node, "normalises a tensor whose channel dimension is not known")
+            if value is None or value.cdim not in (None, 1):
+                return self.refuse(node, "normalises a tensor whose channel dimension is not dim 1")
             self.inputs[name] = tensors[0]
             self.union(value.key, self.layer(name, 0, "norm", node))
             self.values[node] = _Value(value.key, 1, _shape(node))
@@ -353,6 +356,12 @@ class _ChannelTracer:
             return node.args[index]
         return node.kwargs.get(name, default)
 
+    def opaque(self, node: fx.Node, tensors: list[fx.Node]) -> None:
+        """An op on tensors of unknown layout (already refused): its output is one of them."""
+        for arg in tensors[1:]:
+            self.union(self.values[tensors[0]].key, self.values[arg].key)
+        self.values[node] = _Value(self.values[tensors[0]].key, None, _shape(node))
+
     def keep(self, node: fx.Node, tensors: list[fx.Node]) -> None:
         """Channel-wise op with right-aligned broadcasting: operands with the output's channels tie."""
         shape = _shape(node)
@@ -367,7 +376,7 @@ class _ChannelTracer:
             position = aligned
             known.append(value)
         if position is None:
-            return self.refuse(node, "reads only tensors whose channel dimension is not known")
+            return self.opaque(node, tensors)
         width = shape[position]
         for arg in tensors:
             value = self.values[arg]
@@ -406,8 +415,10 @@ class _ChannelTracer:
         """flatten/view/reshape/squeeze/unsqueeze: follow the channels only where the sizes other
         than 1 stay the same, in the same order (a flatten after a global pool, a gate's view)."""
         value, shape = self.values[tensors[0]], _shape(node)
-        if len(tensors) != 1 or value.cdim is None or value.shape is None:
-            return self.refuse(node, "reshapes a tensor whose channel dimension is not known")
+        if value.cdim is None:
+            return self.opaque(node, tensors)
+        if len(tensors) != 1 or value.shape is None:
+            return self.refuse(node, "reshapes with a tensor")
         before = [i for i, size in enumerate(value.shape) if size != 1]
         after = [i for i, size in enumerate(shape) if size != 1]
         if value.cdim not in before or [value.shape[i] for i in before] != [shape[i] for i in after]:
@@ -421,8 +432,8 @@ class _ChannelTracer:
 
     def permute(self, node: fx.Node, tensors: list[fx.Node], name: str) -> None:
         value, shape = self.values[tensors[0]], _shape(node)
-        if value.cdim is None or value.shape is None:
-            return self.refuse(node, "permutes a tensor whose channel dimension is not known")
+        if value.cdim is None:
+            return self.opaque(node, tensors)
         ndim = len(value.shape)
         order = list(range(ndim))
         args = [a for a in node.args[1:]]
@@ -447,8 +458,10 @@ class _ChannelTracer:
 
     def reduce(self, node: fx.Node, tensors: list[fx.Node]) -> None:
         value, shape = self.values[tensors[0]], _shape(node)
-        if len(tensors) != 1 or value.cdim is None or value.shape is None:
-            return self.refuse(node, "reduces a tensor whose channel dimension is not known")
+        if value.cdim is None:
+            return self.opaque(node, tensors)
+        if len(tensors) != 1:
+            return self.refuse(node, "reduces with a tensor")
         dims = self.arg(node, 1, "dim")
         if dims is None:
             return self.refuse(node, "reduces over every dimension, channels included")
@@ -478,7 +491,9 @@ class _ChannelTracer:
 
     def softmax(self, node: fx.Node, tensors: list[fx.Node], dim) -> None:
         value = self.values[tensors[0]]
-        if value.cdim is None or value.shape is None or dim is None or \
+        if value.cdim is None:
+            return self.opaque(node, tensors)
+        if dim is None or \
                 int(dim) % len(value.shape) == value.cdim:
             return self.refuse(node, "normalises across channels (softmax)")
         self.keep(node, tensors[:1])
@@ -489,9 +504,11 @@ class _ChannelTracer:
         if value is None or value.shape is None:
             return self.refuse(node, "takes an item of a value that is not one tensor "
                                      "(the output of a split, chunk or multi-output module)")
+        if value.cdim is None:
+            return self.opaque(node, tensors)
         index = node.args[1]
         index = index if isinstance(index, tuple) else (index,)
-        if value.cdim is None or len(index) > value.cdim and index[value.cdim] != slice(None) or \
+        if len(index) > value.cdim and index[value.cdim] != slice(None) or \
                 not all(isinstance(i, slice) for i in index[:value.cdim + 1]):
             return self.refuse(node, "indexes or slices the channel dimension")
         if len(self.tensor_args(node)) != 1:

@@ -6,8 +6,10 @@ input neurons of the classifier, its coefficient fixed at the first step so that
 first, so every rank fixes the same coefficient). Every ``interval`` epochs (and after the last) every channel whose
 weights are all below ``threshold`` in every layer touching it is removed: the model becomes a
 smaller dense model, its parameters keep their identity (so optimizer and LR schedule go on) and
-the optimizer state is sliced with them. Which channels touch which layers comes from the model's
-``channel_nodes()`` (``models/channels.py``); residual stages keep the union of live channels.
+the optimizer state is sliced with them. Which channels touch which layers is traced from the
+model with torch.fx (``models/channels.py``: any model fx can trace; channels it cannot follow one
+to one stay, listed in ``refused`` with the reason); residual stages keep the union of live
+channels.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..errors import PruningError
-from ..models.channels import ChannelNode
+from ..models.channels import ChannelNode, trace_channel_graph
 from .config import PruningConfig
 from .method import PRUNING_METHODS, EpochContext
 from .report import SparsityReport, build_report
@@ -37,45 +39,64 @@ def reader_channel_norms(reader: nn.Conv2d | nn.Linear) -> Tensor:
     return reader.weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
 
 
+def channel_strength(node: ChannelNode) -> Tensor:
+    """(C,): the largest |w| of each channel over every layer of the node: output channels of its
+    writers (depthwise convs included), input channels of its readers."""
+    strength = torch.zeros(node.width)
+    for layer, _ in node.producers:
+        strength = torch.maximum(strength, layer.weight.detach().abs().flatten(1).amax(1))
+    for reader in node.consumers:
+        strength = torch.maximum(strength, reader_channel_norms(reader))
+    return strength
+
+
 def live_channels(node: ChannelNode, threshold: float) -> Tensor:
     """bool (C,): channels with a weight of magnitude >= ``threshold`` in any layer of the node."""
-    live = torch.zeros(node.width, dtype=torch.bool)
-    for conv, _ in node.producers:
-        live |= conv.weight.detach().abs().flatten(1).amax(1) >= threshold
-    for reader in node.consumers:
-        live |= reader_channel_norms(reader) >= threshold
-    return live
+    return channel_strength(node) >= threshold
+
+
+def _take_norm(norm: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    for param in (norm.weight, norm.bias):
+        if param is not None:
+            _take(param, 0, keep, optimizer)
+    if norm.running_mean is not None:
+        norm.running_mean = norm.running_mean[keep]
+        norm.running_var = norm.running_var[keep]
+    norm.num_features = len(keep)
 
 
 @torch.no_grad()
 def remove_channels(node: ChannelNode, keep: Tensor,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Shrink every layer of ``node`` to channels ``keep`` (int64, ascending), in place."""
-    for conv, norm in node.producers:
-        _take(conv.weight, 0, keep, optimizer)
-        if conv.bias is not None:
-            _take(conv.bias, 0, keep, optimizer)
-        conv.out_channels = len(keep)
-        for param in (norm.weight, norm.bias):
-            _take(param, 0, keep, optimizer)
-        norm.running_mean = norm.running_mean[keep]
-        norm.running_var = norm.running_var[keep]
-        norm.num_features = len(keep)
+    for layer, norm in node.producers:
+        _take(layer.weight, 0, keep, optimizer)
+        if layer.bias is not None:
+            _take(layer.bias, 0, keep, optimizer)
+        if isinstance(layer, nn.Linear):
+            layer.out_features = len(keep)
+        else:
+            layer.out_channels = len(keep)
+            if layer.groups > 1:  # depthwise: in = out = groups
+                layer.in_channels = layer.groups = len(keep)
+    for norm in node.all_norms():
+        _take_norm(norm, keep, optimizer)
     for reader in node.consumers:
         _take(reader.weight, 1, keep, optimizer)
-        if isinstance(reader, nn.Conv2d):
-            reader.in_channels = len(keep)
-        else:
+        if isinstance(reader, nn.Linear):
             reader.in_features = len(keep)
+        else:
+            reader.in_channels = len(keep)
 
 
 def channel_group_lasso(nodes: list[ChannelNode]) -> Tensor:
-    """Sum of sqrt(sum w^2 + 1e-8) over every output channel of every conv and every input
-    channel of every reader (the stem's image planes are read by no node, so they are free)."""
+    """Sum of sqrt(sum w^2 + 1e-8) over every output channel of every writer (depthwise convs
+    included) and every input channel of every reader (the stem's image planes are read by no
+    node, so they are free)."""
     total = 0.0
     for node in nodes:
-        for conv, _ in node.producers:
-            total = total + conv.weight.pow(2).flatten(1).sum(1).add(1e-8).sqrt().sum()
+        for layer, _ in node.producers:
+            total = total + layer.weight.pow(2).flatten(1).sum(1).add(1e-8).sqrt().sum()
         for reader in node.consumers:
             total = total + reader.weight.pow(2).transpose(0, 1).flatten(1).sum(1).add(1e-8).sqrt().sum()
     return total
@@ -94,13 +115,17 @@ class PruneTrain:
     masks: dict = {}
     library: Tensor | None = None
 
-    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
-        if not hasattr(model, "channel_nodes"):
-            raise PruningError(f"model {type(model).__name__}: PruneTrain needs the model's channel "
-                               "graph (a channel_nodes() method); the ResNets and VGGs have one")
+    def __init__(self, model: nn.Module, config: PruningConfig,
+                 example_input: Tensor | None = None) -> None:
+        """Traces ``model``'s channel graph (``example_input``: see ``trace_channel_graph``)."""
         self.config = config.prunetrain
         self.model = model
-        self.nodes = model.channel_nodes()
+        graph = trace_channel_graph(model, example_input)
+        self.nodes = graph.nodes
+        self.refused = graph.refused  # channel sets that stay whole, and why
+        if not self.nodes:
+            raise PruningError(f"model {type(model).__name__}: PruneTrain finds no channels it can "
+                               "remove: " + "; ".join(f"{n}: {why}" for n, why in self.refused.items()))
         self.widths = {node.name: node.width for node in self.nodes}
         self.channels = {node.name: torch.arange(node.width) for node in self.nodes}
         self.coefficient: float | None = None
@@ -139,7 +164,7 @@ class PruneTrain:
             if live.all():
                 continue
             if not live.any():
-                live[reader_channel_norms(node.consumers[0]).argmax()] = True
+                live[channel_strength(node).argmax()] = True
             keep = live.nonzero().flatten()
             remove_channels(node, keep, optimizer)
             self.channels[node.name] = self.channels[node.name][keep]
@@ -152,6 +177,9 @@ class PruneTrain:
     def load_state_dict(self, state: dict) -> None:
         """Shrink the (full-size) model to the saved channels; its weights are loaded after."""
         self.coefficient = state["coefficient"]
+        unknown = sorted(set(state["channels"]) - set(self.channels))
+        if unknown:
+            raise PruningError(f"channel nodes {unknown}: saved, but not in this model's channel graph")
         for node in self.nodes:
             saved = state["channels"].get(node.name)
             if saved is None or (len(saved) and int(saved.max()) >= self.widths[node.name]):
@@ -168,9 +196,14 @@ class PruneTrain:
         full = {id(p): p.detach() for p in model.parameters()}
         for node in self.nodes:
             ids, width = self.channels[node.name], self.widths[node.name]
-            for conv, norm in node.producers:
-                for param in (conv.weight, norm.weight, norm.bias):
-                    full[id(param)] = _expand(full[id(param)], 0, ids, width)
+            for layer, _ in node.producers:
+                for param in (layer.weight, layer.bias):
+                    if param is not None:
+                        full[id(param)] = _expand(full[id(param)], 0, ids, width)
+            for norm in node.all_norms():
+                for param in (norm.weight, norm.bias):
+                    if param is not None:
+                        full[id(param)] = _expand(full[id(param)], 0, ids, width)
             for reader in node.consumers:
                 full[id(reader.weight)] = _expand(full[id(reader.weight)], 1, ids, width)
         convs = [full[id(m.weight)] for m in model.modules() if isinstance(m, nn.Conv2d)]
