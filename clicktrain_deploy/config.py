@@ -4,9 +4,10 @@ Unknown or invalid fields raise ``RecipeError`` naming the file and the dotted f
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,14 +23,74 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 class ModelConfig(_Strict):
-    name: str = "resnet20"
+    """Which model: exactly one of ``name`` (registry), ``factory`` ("package.module:callable")
+    or ``file`` ("path/net.py:callable", relative to the recipe file); ``kwargs`` for the callable;
+    ``weights``: a state_dict or checkpoint file (relative to the recipe file) loaded strictly
+    before training. With none of name/factory/file the model is ``resnet20``."""
+
+    name: str | None = None
+    factory: str | None = None
+    file: str | None = None
+    kwargs: dict[str, Any] = {}
+    weights: str | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_spec(cls, value: str | None) -> str | None:
+        if value is not None and not _FACTORY.match(value):
+            raise ValueError(f"{value!r} must be 'package.module:callable'")
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _file_spec(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path, colon, attr = value.rpartition(":")
+        if not colon or not path.endswith(".py") or not _CALLABLE.match(attr):
+            raise ValueError(f"{value!r} must be 'path/to/net.py:callable'")
+        return value
 
     @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
-        if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS.names())}")
+    def _one_source(self) -> "ModelConfig":
+        given = [f for f in ("name", "factory", "file") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of model.name, model.factory, model.file "
+                             f"(got {', '.join(given)})")
+        if not given:
+            self.name = "resnet20"
+        if self.name is not None:
+            if self.name not in MODELS:
+                raise ValueError(f"unknown model {self.name!r}; known: {', '.join(MODELS.names())}")
+            if self.kwargs:
+                raise ValueError("model.kwargs is for model.factory or model.file; registry "
+                                 "models take only num_classes and in_channels, from the data")
         return self
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: the registry name, or the factory/file spec."""
+        return self.name or self.factory or Path(str(self.file)).name
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make ``file`` and ``weights`` absolute against ``base`` (the recipe's folder)."""
+        if self.file is not None:
+            path, _, attr = self.file.rpartition(":")
+            self.file = f"{(base / Path(path).expanduser()).resolve()}:{attr}"
+        if self.weights is not None:
+            self.weights = str((base / Path(self.weights).expanduser()).resolve())
+
+    def build(self, num_classes: int, in_channels: int):
+        """The ``nn.Module`` this section describes, with fresh (unloaded) weights."""
+        from .models import build_model
+
+        return build_model(name=self.name, factory=self.factory, file=self.file, kwargs=self.kwargs,
+                           num_classes=num_classes, in_channels=in_channels)
 
 
 class DataConfig(_Strict):
@@ -171,6 +232,11 @@ class Recipe(_Strict):
         if p.method == "admm" and p.hard_prune_epoch == p.select_epoch:
             raise ValueError(f"pruning.hard_prune_epoch ({p.hard_prune_epoch}) must be after "
                              f"select_epoch for admm: the ADMM phase needs at least one epoch")
+        if p.method in ("clicktrain", "admm") and p.select_epoch == 0 and self.model.weights is None:
+            what = ("masks are chosen from the initial weights' importance" if p.method == "clicktrain"
+                    else "ADMM after training needs a trained model")
+            raise ValueError(f"pruning.select_epoch = 0 with method {p.method!r}: {what}; give "
+                             f"model.weights (a trained model) or a dense warm-up (select_epoch >= 1)")
         restarts = self.schedule.restarts
         if restarts and not (0 < restarts[0] and restarts[-1] < epochs):
             raise ValueError(f"schedule.restarts ({restarts}) must lie in 1..{epochs - 1}")
@@ -191,16 +257,22 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe given as a dict (``source`` names it in errors)."""
+def parse_recipe(raw: dict, source: str = "<recipe>", base_dir: str | Path | None = None) -> Recipe:
+    """Validate a recipe given as a dict (``source`` names it in errors). With ``base_dir``,
+    ``model.file`` and ``model.weights`` are made absolute against it; without, relative paths
+    stay relative to the working directory."""
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(_format_errors(source, exc)) from None
+    if base_dir is not None:
+        recipe.model.resolve_paths(Path(base_dir))
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a .toml, .yaml or .yml recipe; output_dir is made absolute."""
+    """Read and validate a .toml, .yaml or .yml recipe; output_dir, model.file and model.weights
+    (relative to the recipe file's folder) are made absolute."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -216,6 +288,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a table of fields")
-    recipe = parse_recipe(raw, str(path))
+    recipe = parse_recipe(raw, str(path), base_dir=path.parent)
     recipe.output_dir = str((path.parent / recipe.output_dir).resolve())
     return recipe

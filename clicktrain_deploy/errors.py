@@ -27,3 +27,8 @@ class DistributedError(ClickTrainError):
 
 class ExportError(ClickTrainError):
     """An ONNX file is unreadable, or an exported model disagrees with PyTorch."""
+
+
+class ModelError(ClickTrainError):
+    """A user's model (``model.factory``/``model.file``) or its weights (``model.weights``) cannot
+    be built or loaded; the message names the file or callable, and the keys that do not fit."""

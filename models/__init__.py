@@ -53,6 +53,22 @@ def create_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
 
 
+def build_model(*, name: str | None = None, factory: str | None = None, file: str | None = None,
+                kwargs: dict | None = None, num_classes: int, in_channels: int) -> nn.Module:
+    """A registered model by ``name``, or a user's callable by ``factory``
+    ("package.module:callable") or ``file`` ("path/net.py:callable") called with ``kwargs``
+    (see ``models.user``: the data's ``num_classes``/``in_channels`` are passed where the
+    callable's signature names them)."""
+    if name is not None:
+        if kwargs:
+            raise ValueError("kwargs are for factory/file models only")
+        return create_model(name, num_classes, in_channels)
+    from .user import create_user_model
+
+    return create_user_model(factory=factory, file=file, kwargs=kwargs, num_classes=num_classes,
+                             in_channels=in_channels)
+
+
 from . import mobilenet, resnet, vgg  # noqa: E402,F401  (registers the models)
 
-__all__ = ["MODELS", "ModelDefaults", "create_model", "default_config", "register_model"]
+__all__ = ["MODELS", "ModelDefaults", "build_model", "create_model", "default_config", "register_model"]

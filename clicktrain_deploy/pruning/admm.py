@@ -54,6 +54,7 @@ class AdmmPruner:
         self.config = config
         self.pruner = ClickTrainPruner(model, config)
         self.layers = self.pruner.layers
+        self.conv_selection = self.pruner.conv_selection
         self.admm_library: Tensor | None = None
         self.variables: dict[str, dict[str, Tensor]] = {}
         self.steps = 0

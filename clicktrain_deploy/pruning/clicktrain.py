@@ -42,43 +42,114 @@ def _auto_block_size(out_channels: int) -> int:
     return next(b for b in AUTO_BLOCK_SIZES if out_channels % b == 0)
 
 
-def _is_pattern_conv(module: nn.Conv2d) -> bool:
-    return module.kernel_size == (3, 3) and module.groups == 1
+@dataclass(frozen=True)
+class ConvChoice:
+    """One conv of the model and whether pattern pruning took it: ``reason`` says why (taken:
+    its block size and ratio; left: depthwise, grouped, 1x1 or other kernel, dilated, not a
+    Conv2d, not matched by ``include``, excluded by an ``exclude`` glob, or the skipped stem)."""
+
+    name: str
+    shape: tuple[int, ...]  # the weight's: (C_out, C_in / groups, kh, kw)
+    taken: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "taken": self.taken, "reason": self.reason}
 
 
-def resolve_layers(model: nn.Module, config: PruningConfig) -> list[PrunedLayer]:
+def structural_reasons(module: nn.Module) -> list[str]:
+    """Why ``module`` cannot take 3x3 patterns (empty: it can): only a plain nn.Conv2d with a
+    3x3 kernel, groups=1 and dilation 1 does."""
+    if not isinstance(module, nn.Conv2d):
+        return [f"{type(module).__name__}: only Conv2d takes patterns"]
+    reasons = []
+    if module.groups > 1:
+        if module.groups == module.in_channels:
+            reasons.append(f"depthwise (groups = C_in = {module.groups})")
+        else:
+            reasons.append(f"grouped (groups = {module.groups})")
+    if module.kernel_size == (1, 1):
+        reasons.append("1x1")
+    elif module.kernel_size != (3, 3):
+        reasons.append(f"kernel {module.kernel_size[0]}x{module.kernel_size[1]}: only 3x3 takes patterns")
+    if module.dilation != (1, 1):
+        reasons.append(f"dilated (dilation {module.dilation[0]}x{module.dilation[1]})")
+    return reasons
+
+
+def _is_pattern_conv(module: nn.Module) -> bool:
+    return not structural_reasons(module)
+
+
+def _block_and_ratio(name: str, module: nn.Conv2d, config: PruningConfig) -> tuple[int, float]:
+    block = _first_match(name, config.layer_block_sizes) or config.block_size
+    block = _auto_block_size(module.out_channels) if block == "auto" else min(block, module.out_channels)
+    ratio = _first_match(name, config.layer_ratios)
+    return block, config.connectivity_ratio if ratio is None else ratio
+
+
+def conv_selection(model: nn.Module, config: PruningConfig) -> list[ConvChoice]:
+    """Every conv of ``model`` (any ``nn.modules.conv._ConvNd``) in module order, taken or left
+    with the reason; what ``resolve_layers`` prunes is exactly the taken ones."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    conv2d = [n for n, m in convs if isinstance(m, nn.Conv2d)]
+    first = conv2d[0] if conv2d and config.skip_first_conv else None
+    choices = []
+    for name, module in convs:
+        shape = tuple(module.weight.shape)
+        structural = structural_reasons(module)
+        excluded = next((g for g in config.exclude if fnmatch.fnmatch(name, g)), None)
+        if structural:
+            reason = "; ".join(structural)
+        elif not any(fnmatch.fnmatch(name, g) for g in config.include):
+            reason = f"not matched by pruning.include {config.include}"
+        elif excluded is not None:
+            reason = f"excluded by pruning.exclude {excluded!r}"
+        elif name == first:
+            reason = "stem (first conv) skipped: pruning.skip_first_conv"
+        else:
+            block, ratio = _block_and_ratio(name, module, config)
+            choices.append(ConvChoice(name, shape, True, f"3x3, block {block}, "
+                                                         f"ratio {ratio:g}"))
+            continue
+        choices.append(ConvChoice(name, shape, False, reason))
+    return choices
+
+
+def resolve_layers(model: nn.Module, config: PruningConfig,
+                   selection: list[ConvChoice] | None = None) -> list[PrunedLayer]:
     """The convs that ``config`` selects, in module order, with block size and ratio each.
 
-    Wildcard globs skip convs that cannot take 3x3 patterns (1x1 shortcuts, depthwise); naming
-    such a conv exactly is an error, as is a glob that selects nothing.
+    Wildcard globs skip convs that cannot take 3x3 patterns (1x1 shortcuts, depthwise, grouped,
+    dilated), each with its reason in ``conv_selection``; naming such a conv exactly is an error,
+    as is a glob that selects nothing.
     """
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    first = convs[0][0] if convs and config.skip_first_conv else None
-    layers: list[PrunedLayer] = []
-    for name, module in convs:
-        if not any(fnmatch.fnmatch(name, g) for g in config.include):
-            continue
-        if any(fnmatch.fnmatch(name, g) for g in config.exclude) or name == first:
-            continue
-        if not _is_pattern_conv(module):
-            if name in config.include:
-                raise PruningError(f"layer {name!r}: kernel {module.kernel_size}, groups "
-                                   f"{module.groups}; only 3x3 convs with groups=1 take patterns")
-            continue
-        block = _first_match(name, config.layer_block_sizes) or config.block_size
-        block = _auto_block_size(module.out_channels) if block == "auto" else min(block, module.out_channels)
-        ratio = _first_match(name, config.layer_ratios)
-        layers.append(PrunedLayer(name, module, block, config.connectivity_ratio if ratio is None else ratio))
+    selection = conv_selection(model, config) if selection is None else selection
+    modules = dict(model.named_modules())
+    for choice in selection:
+        if not choice.taken and choice.name in config.include and structural_reasons(modules[choice.name]):
+            raise PruningError(f"pruning.include names layer {choice.name!r} ({choice.reason}); "
+                               "only 3x3 convs with groups=1 and no dilation take patterns")
+    layers = []
+    for choice in selection:
+        if choice.taken:
+            module = modules[choice.name]
+            layers.append(PrunedLayer(choice.name, module, *_block_and_ratio(choice.name, module, config)))
     names = [layer.name for layer in layers]
     for field, globs in (("include", config.include), ("layer_ratios", config.layer_ratios),
                          ("layer_block_sizes", config.layer_block_sizes)):
         for glob in globs:
             if not any(fnmatch.fnmatch(n, glob) for n in names):
                 raise PruningError(f"pruning.{field}: {glob!r} selects no prunable 3x3 conv; "
-                                   f"convs in the model: {', '.join(n for n, _ in convs)}")
+                                   f"convs in the model: {_described(selection)}")
     if not layers:
-        raise PruningError("pruning selects no layer: the model has no prunable 3x3 conv")
+        raise PruningError("pruning selects no layer: the model has no prunable 3x3 conv; "
+                           f"convs in the model: {_described(selection)}")
     return layers
+
+
+def _described(selection: list[ConvChoice]) -> str:
+    return ", ".join(f"{c.name} ({c.reason})" for c in selection) or "none"
 
 
 def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
@@ -124,7 +195,8 @@ class ClickTrainPruner:
 
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
         self.config = config
-        self.layers = resolve_layers(model, config)
+        self.conv_selection = conv_selection(model, config)
+        self.layers = resolve_layers(model, config, self.conv_selection)
         self.library: Tensor | None = None
         self.masks: dict[str, LayerMask] = {}
         self.hard = False

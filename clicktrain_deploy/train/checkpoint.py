@@ -14,7 +14,6 @@ import torch
 from ..config import parse_recipe
 from ..errors import CheckpointError
 from ..fileio import atomic_write
-from ..models import create_model
 from ..pruning.method import PruningMethod, create_method
 
 FORMAT = "clicktrain-deploy/checkpoint"
@@ -69,10 +68,15 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def restore_model(saved: dict) -> tuple[torch.nn.Module, PruningMethod]:
     """Rebuild the trained model (shrunk as PruneTrain left it) and its pruning method from a
-    checkpoint; ``method.masks`` is empty where no conv is pattern-pruned."""
+    checkpoint; ``method.masks`` is empty where no conv is pattern-pruned. A user's model
+    (``model.factory``/``model.file``) must still be importable; its ``model.weights`` file is not
+    read (the checkpoint holds the weights and any shrink they needed)."""
+    from .weights import build_recipe_model
+
     recipe = parse_recipe(saved["recipe"], saved["path"])
-    model = create_model(recipe.model.name, len(saved["data"]["classes"]),
-                         saved["data"]["input_shape"][0])
+    model, _ = build_recipe_model(recipe.model, len(saved["data"]["classes"]),
+                                  saved["data"]["input_shape"][0], shrink=saved.get("base_shrink"),
+                                  load=False)
     method = create_method(model, recipe.pruning)
     method.load_state_dict(saved["pruner"])
     model.load_state_dict(saved["model"])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from torch import Tensor, nn
 
 from .. import distributed
@@ -18,11 +19,12 @@ from ..config import Recipe
 from ..data import BatchIterator, ImageData, load_data, make_batches
 from ..errors import CheckpointError, RecipeError
 from ..fileio import atomic_write_json, atomic_write_text
-from ..models import create_model
+from ..pruning.clicktrain import ConvChoice
 from ..pruning.method import EpochContext, PruningMethod, create_method
 from ..pruning.report import SparsityReport
 from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from .flops import TRAINING_PASSES, forward_flops
+from .weights import build_recipe_model, check_logits
 
 
 @dataclass
@@ -36,6 +38,21 @@ class TrainResult:
     metrics: list[dict]
     model: nn.Module
     pruner: PruningMethod
+
+
+CONV_SELECTION = "conv_selection.json"
+
+
+def conv_selection_table(selection: list[ConvChoice]) -> Table:
+    """The pruner's choice per conv as a rich table: name, weight shape, taken, reason."""
+    taken = sum(c.taken for c in selection)
+    table = Table(title=f"pattern pruning takes {taken} of {len(selection)} convs", title_justify="left")
+    for column in ("conv", "weight shape", "pruned", "reason"):
+        table.add_column(column)
+    for c in selection:
+        table.add_row(c.name, "x".join(map(str, c.shape)), "[green]yes[/]" if c.taken else "no",
+                      c.reason)
+    return table
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
@@ -138,12 +155,17 @@ def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
 class _Run:
     """State of one training run: model, optimizer, pruner, data, metrics."""
 
-    def __init__(self, recipe: Recipe, data: ImageData) -> None:
+    def __init__(self, recipe: Recipe, data: ImageData, saved: dict | None = None) -> None:
         self.recipe = recipe
         self.data_info = {"classes": data.classes, "input_shape": list(data.input_shape),
                           "mean": data.mean, "std": data.std}
         torch.manual_seed(recipe.seed)
-        self.model = create_model(recipe.model.name, len(data.classes), data.input_shape[0])
+        # Fresh runs load model.weights (shrinking first for a PruneTrain checkpoint); a resumed
+        # run takes its weights from its checkpoint and only repeats the recorded shrink.
+        self.model, self.base_shrink = build_recipe_model(
+            recipe.model, len(data.classes), data.input_shape[0],
+            shrink=saved.get("base_shrink") if saved else None, load=saved is None)
+        check_logits(self.model, data.input_shape, len(data.classes), recipe.model.label)
         self.net = distributed.wrap(self.model)  # DDP when distributed: what training steps call
         d = recipe.data
         self.train_batches = make_batches(
@@ -171,6 +193,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "pruner": self.pruner.state_dict(),
+            "base_shrink": self.base_shrink,
             "rng": torch.get_rng_state(),
             "metrics": self.metrics,
         }
@@ -274,12 +297,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         torch.set_num_threads(recipe.schedule.threads)
     d = recipe.data
     data = load_data(d.name, d.root, d.train_subset, recipe.seed, d.test_subset, **d.loader_options())
-    run = _Run(recipe, data)
+    saved = distributed.from_main(lambda: load_checkpoint(existing[-1])) if existing else None
+    if saved is not None:
+        _check_resumable(recipe, saved, saved["path"])
+    run = _Run(recipe, data, saved)
     if distributed.is_main():  # normalisation as trained (image folders: computed on a sample)
         atomic_write_json(output / "data.json", run.data_info)
-    if existing:
-        saved = distributed.from_main(lambda: load_checkpoint(existing[-1]))
-        _check_resumable(recipe, saved, saved["path"])
+    selection = getattr(run.pruner, "conv_selection", None)
+    if selection is not None:
+        if distributed.is_main():
+            atomic_write_json(output / CONV_SELECTION, [c.to_dict() for c in selection])
+        if progress:
+            console.print(conv_selection_table(selection))
+    if saved is not None:
         run.restore(saved)
         console.print(f"resuming after epoch {saved['epoch']} from {saved['path']}")
     checkpoint = existing[-1] if existing else None
