@@ -95,11 +95,12 @@ def test_pipeline_trains_exports_compiles_validates_benchmarks_and_reports(pipel
     arm = json.loads(folder.bench("cortex-a72").read_text())
     # The README's figure: ARM instructions, our dense build / pattern-sparse = 5.96x, 75% of the
     # benchmarked ResNet-20's 7.94x FLOP-reduction limit (benchmarks/results/compile_bar.md). This
-    # model is smaller-trained (2 epochs, 600 images) and its limit is its own, so the transferable
-    # claim is the share of its own limit. Instruction counts are exact and repeatable (one thread
-    # under qemu), so the margin is only for this model's different layers: at least 70% of its limit.
+    # model is smaller-trained (2 epochs, 600 images, connectivity 0.7) and its limit is its own
+    # (7.50x), so the transferable claim is the share of its own limit. Instruction counts are exact
+    # and repeatable (one thread under qemu), so the margin is only for this model's different
+    # layers: this model got 5.71x = 76% of its limit (2026-12-01); the README's 75% less one point.
     ratio = arm["ours_dense"] / arm["ours_sparse"]
-    assert ratio >= 0.70 * arm["flop_reduction_limit"], (ratio, arm["flop_reduction_limit"])
+    assert ratio >= 0.74 * arm["flop_reduction_limit"], (ratio, arm["flop_reduction_limit"])
     html = folder.report.read_text()
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # self-contained
     assert "cortex-a72" in html and "FLOP-reduction limit" in html and "1x1 conv (shortcut projection)" in html
