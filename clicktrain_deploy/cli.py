@@ -237,7 +237,8 @@ def compile_(
     output: Annotated[Path, typer.Option("--output", "-o", help=".so to write (manifest beside it)")],
     dense: Annotated[bool, typer.Option(help="ignore the pattern metadata: our dense build")] = False,
     arch: Annotated[str | None, typer.Option(help="GPU of a cuda target: sm_80, sm_86, sm_89, sm_90 (default)")] = None,
-    batch: Annotated[int, typer.Option(help="images per call, fixed at compile time (a symbolic first dim)")] = 1,
+    batch: Annotated[int | None, typer.Option(help="images per call, fixed at compile time, for a symbolic "
+                                                   "first dim (default 1)")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(
         "--input-shape", help="fixed shape of a symbolic input: N,C,H,W (one input) or NAME=N,C,H,W; repeatable")] = None,
     check: Annotated[bool, typer.Option(help="run the library against onnxruntime on random inputs; "

@@ -118,12 +118,13 @@ def profile_shares(library: Path, inputs: list[np.ndarray], ops: list[dict], rep
 
 
 def compile_model(onnx_path: str | Path, target_name: str, output: str | Path, measure: bool = True,
-                  sparse: bool = True, batch: int = 1, input_shape: dict | list | None = None,
+                  sparse: bool = True, batch: int | None = None, input_shape: dict | list | None = None,
                   check: bool = True, tolerance: float = TOLERANCE) -> CompiledModel:
     """Compile ``onnx_path`` for ``target_name`` into ``output`` (.so) plus ``output``.json.
 
     ``input_shape``: fixed shapes for symbolic input dims (one shape, or by input name);
-    ``batch``: the first dim where it is symbolic. Convs named in the pattern metadata get the
+    ``batch``: the first dim where it is symbolic (default 1; a model that fixes another batch
+    keeps it, and a ``batch`` that contradicts it is refused). Convs named in the pattern metadata get the
     sparse kernel where it is faster (measured on the host for host targets, estimated
     otherwise); ``sparse=False`` ignores the metadata. ``check``: run the library against
     onnxruntime on random inputs where the target runs, and write nothing beyond ``tolerance``

@@ -56,7 +56,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def resolve_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | list[int] | None,
                          batch: int | None) -> list[TensorInfo]:
     """Each input's fixed shape: the model's dims, with ``input_shapes`` (one shape for a single
-    input, or by name) for symbolic ones, and ``batch`` for a symbolic first dim; refuses an input
+    input, or by name) for symbolic ones, and ``batch`` (default 1) for a symbolic first dim; refuses an input
     left with a symbolic dim or a given shape that contradicts the model, naming the input."""
     inputs = graph_inputs(model)
     if isinstance(input_shapes, (list, tuple)):
@@ -84,8 +84,8 @@ def resolve_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[in
             shape = [int(g) for g in given]
         else:
             shape = list(dims)
-            if shape and not isinstance(shape[0], int) and batch is not None:
-                shape[0] = batch
+            if shape and not isinstance(shape[0], int):
+                shape[0] = 1 if batch is None else batch
             symbolic = [d for d in shape if not isinstance(d, int)]
             if symbolic:
                 raise CompileError(f"input {value.name!r} has symbolic dims {dims}: give its shape "
@@ -138,7 +138,7 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def import_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | list[int] | None = None,
-                batch: int | None = 1) -> ImportedModel:
+                batch: int | None = None) -> ImportedModel:
     """Check, normalise and import an ONNX model (a path or a ModelProto) into Relax."""
     from tvm.relax.frontend.onnx import from_onnx
 
