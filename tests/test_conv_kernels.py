@@ -233,6 +233,22 @@ def test_epilogue_expression_text():
         epilogue_expression((("gelu",),), "v", "R")
 
 
+def test_sigmoid_and_silu_at_extreme_values():
+    """The vectorised exp of the sigmoid steps: no overflow or NaN far out, ~1e-7 relative."""
+    v = np.array([-1e4, -200, -87.5, -30, -3, -1e-3, 0, 1e-3, 0.5, 3, 30, 87.5, 200, 1e4, -0.34657, 0.34657] * 4,
+                 np.float32)
+    v64 = torch.from_numpy(v).double()
+    for steps, expected in [((("sigmoid",),), torch.sigmoid(v64).numpy()),
+                            ((("silu",),), (v64 * torch.sigmoid(v64)).numpy())]:
+        body = epilogue_expression(steps, "A[i * 16 + l]", "")
+        source = ("@T.prim_func\ndef f(A: T.Buffer((64,), 'float32'), B: T.Buffer((64,), 'float32')):\n"
+                  "    T.func_attr({'tirx.noalias': True, 'global_symbol': 'f'})\n    for i in range(4):\n"
+                  f"        for l in T.vectorized(16):\n            B[i * 16 + l] = {body}")
+        out = tvm.runtime.tensor(np.zeros(64, np.float32))
+        _build(source, "f")(tvm.runtime.tensor(v), out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-30)
+
+
 def _depthwise(channels, lanes, *, height, width, kernel=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1),
                dilation=(1, 1), batch=1, epilogue=RESIDUAL_RELU, tile=(4, 4)):
     rng = np.random.default_rng(5)

@@ -215,10 +215,24 @@ def epilogue_expression(steps, value: str, residual: str) -> str:
         elif op in ("hardsigmoid", "hardswish"):
             gate = f"T.min(T.max({_f32(args[0])} * {v} + {_f32(args[1])}, {zero}), {one})"
             v = gate if op == "hardsigmoid" else f"({v} * {gate})"
-        else:  # sigmoid, silu
-            gate = f"({one} / ({one} + T.exp({zero} - {v})))"
+        else:  # sigmoid, silu: with e = exp(-|v|) (no overflow), v >= 0: 1 / (1 + e), else e / (1 + e)
+            e = _exp_nonpositive(f"T.min({v}, {zero} - {v})")
+            gate = f"(T.Select({v} >= {zero}, {one}, {e}) / ({one} + {e}))"
             v = gate if op == "sigmoid" else f"({v} * {gate})"
     return v
+
+
+def _exp_nonpositive(z: str) -> str:
+    """exp(z) for z <= 0 as TIR text that vectorises (T.exp becomes one libm call per lane):
+    z clamped at -87, n = round(z / ln 2), r = z - n ln 2 (ln 2 in two parts), exp(r) by its
+    degree-6 Taylor polynomial (|r| <= ln 2 / 2: relative error ~2e-7), 2^n from exponent bits."""
+    zc = f"T.max({z}, {_f32(-87.0)})"
+    n = f"T.floor({zc} * {_f32(1 / math.log(2))} + {_f32(0.5)})"
+    r = f"({zc} - {n} * {_f32(0.693145751953125)} - {n} * {_f32(1.428606765330187e-06)})"
+    poly = _f32(1 / 720)
+    for c in (1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0):
+        poly = f"({poly} * {r} + {_f32(c)})"
+    return f"({poly} * T.reinterpret('float32', T.shift_left(T.Cast('int32', {n}) + 127, 23)))"
 
 
 def choose_tile(out_height: int, out_width: int, tiles: tuple[tuple[int, int], ...]) -> tuple[int, int]:
