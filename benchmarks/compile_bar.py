@@ -172,6 +172,7 @@ def main() -> None:
         for runtime, sparse in (("ours_sparse", True), ("ours_dense", False)):
             if runtime not in wanted:
                 continue
+            record["errors"].pop(f"{runtime}/x86 build", None)
             try:
                 libraries[runtime] = build(onnx_path, "x86", sparse, build_dir)
             except Exception as exc:  # noqa: BLE001  (recorded, the other runtimes still run)
@@ -192,6 +193,8 @@ def main() -> None:
                 print(f"warning: load average {env['load_average'][0]:.1f} on {env['cores']} cores: other jobs "
                       "share this machine; the figures (multi-thread ones above all) measure that too", file=sys.stderr)
             passive = args.wait == "passive"
+            for r in todo:
+                record["errors"].pop(f"{r}/x86 {t} threads", None)
             measured = host_latency(
                 onnx_path, libraries, work, t, torch_model=torch_model, runtimes=todo, layers=not args.no_layers,
                 rounds=args.rounds, samples=args.samples, spinning=not passive,
@@ -215,6 +218,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
 
     counts = record.setdefault("arm", {})
     counts["cpu"] = cpu
+    record["errors"].pop("arm", None)
     try:
         from clicktrain_deploy.bench import arm as arm_bench
     except ImportError as exc:
@@ -222,6 +226,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
         return
     for runtime, sparse in (("ours_sparse", True), ("ours_dense", False)):
         if runtime in wanted and runtime not in counts:
+            record["errors"].pop(f"{runtime}/arm", None)
             try:
                 from clicktrain_deploy.compile.arm import instructions_per_inference
 
@@ -233,6 +238,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
                 record["errors"][f"{runtime}/arm"] = f"{type(exc).__name__}: {exc}"[:2000]
     ort_count = getattr(arm_bench, "onnxruntime_arm_instructions", None)
     if "onnxruntime" in wanted and "onnxruntime" not in counts and ort_count is not None:
+        record["errors"].pop("onnxruntime/arm", None)
         try:
             counts["onnxruntime"] = int(ort_count(onnx_path, [model_input(model)], cpu=cpu))
         except Exception as exc:  # noqa: BLE001

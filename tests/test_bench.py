@@ -236,3 +236,24 @@ def test_markdown_puts_ratios_beside_limits_and_floors():
     assert "| 1 | 5.00 us | 0.50 us | 3.00 us | 4.00 us | 1.50 us |" in text
     assert "| 1.00 M | 5.00 M | 6.00 M | 5.00x | 6.00x | 8.00x | 75% |" in text
     assert "| c | 16x16x3x3 | pattern | 5.0 | 15.0 | 30.0 | 90.0 | 3.00x | 9.00x | 6.00x | 2.00x |" in text
+
+
+def test_compile_bar_resume_keeps_what_still_holds():
+    """A re-run skips what is recorded: results of another compiler drop ours only, results of
+    another ONNX file drop everything."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_bar.py"
+    loaded = importlib.util.spec_from_file_location("compile_bar", path)
+    compile_bar = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(compile_bar)
+    timings = {"1": {"ours_sparse": {}, "ours_dense": {}, "onnxruntime": {}, "torch": {}}}
+    results = {"models": {"m": {"onnx_sha256": "a", "compiler": "c1", "timings": timings, "errors": {},
+                                "arm": {"cpu": "cortex-a72", "ours_sparse": 1, "ours_dense": 2, "onnxruntime": 3}}}}
+    same = compile_bar.record_for(results, "m", "a", "c1")
+    assert set(same["timings"]["1"]) == {"ours_sparse", "ours_dense", "onnxruntime", "torch"}
+    newer = compile_bar.record_for(results, "m", "a", "c2")
+    assert set(newer["timings"]["1"]) == {"onnxruntime", "torch"} and newer["arm"] == {"cpu": "cortex-a72", "onnxruntime": 3}
+    other = compile_bar.record_for(results, "m", "b", "c2")
+    assert other["timings"] == {} and other["arm"] == {}
