@@ -220,7 +220,8 @@ class _ChannelTracer:
             return f"module {node.target!r} ({type(self.modules[node.target]).__name__})"
         stack = node.meta.get("nn_module_stack") or {}
         where = f" in module {list(stack)[-1]!r}" if stack else ""
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        target = node.target if isinstance(node.target, str) else \
+            getattr(node.target, "__name__", node.target)
         return f"node {node.name!r} ({node.op} {target}{where})"
 
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:

@@ -7,16 +7,15 @@ dicts load.
 
 ClickTrain finds no conv to pattern-prune here but the stem: every other 3x3 is depthwise
 (groups = channels), and a recipe's default ``skip_first_conv`` skips the stem. PruneTrain's
-channel graph covers the block outputs (the residual streams) and the last 1x1 conv; the expanded
-channels inside a block stay, as a depthwise conv ties its input and output channels, which a
-ChannelNode (producers cut on dim 0, readers on dim 1) cannot express.
+channel graph (traced, ``models/channels.py``) covers the stem, the block outputs (the residual
+streams), every block's expanded channels (the depthwise conv is cut with them: it ties its input
+and output channels) and the last 1x1 conv.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from . import IMAGENET_MEAN, IMAGENET_STD, register_model
-from .channels import ChannelNode
 
 # (expansion t, output channels c, blocks n, first stride s) per stage.
 _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -53,14 +52,6 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
-    @property
-    def expand(self) -> nn.Conv2d | None:
-        """The 1x1 expansion conv (the block's first reader of its input), None without one."""
-        return self.conv[0][0] if len(self.conv) == 4 else None
-
-    def output(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-        return self.conv[-2], self.conv[-1]
-
 
 class MobileNetV2(nn.Module):
     """Stem conv3x3/2 (32), 17 inverted residuals to 320 channels, conv1x1 to 1280, global average
@@ -95,31 +86,6 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
-
-    def channel_nodes(self) -> list[ChannelNode]:
-        """Each stage's output stream (its blocks' projections, read by the next blocks'
-        expansions or the last conv) and the last conv's channels (read by the classifier).
-
-        Not in the graph (they stay): the stem's channels (read by the first block's depthwise
-        conv) and every block's expanded channels (depthwise convs tie input and output)."""
-        blocks = [m for m in self.features if isinstance(m, InvertedResidual)]
-        last = self.features[-1]
-        nodes: list[ChannelNode] = []
-        stream: ChannelNode | None = None
-        for i, block in enumerate(blocks, start=1):
-            if block.use_res_connect:
-                stream.consumers.append(block.expand)
-            else:
-                if stream is not None:
-                    stream.consumers.append(block.expand)
-                    nodes.append(stream)
-                stream = ChannelNode(f"features.{i}", [])
-            stream.producers.append(block.output())
-        stream.consumers.append(last[0])
-        nodes.append(stream)
-        nodes.append(ChannelNode(f"features.{len(self.features) - 1}", [(last[0], last[1])],
-                                 [self.classifier[1]]))
-        return nodes
 
 
 @register_model("mobilenet_v2", input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)

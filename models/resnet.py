@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import IMAGENET_MEAN, IMAGENET_STD, register_model
-from .channels import ChannelNode
 
 
 class BasicBlock(nn.Module):
@@ -71,24 +70,6 @@ class ResNet(nn.Module):
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
         return self.fc(self.pool(x).flatten(1))
 
-    def channel_nodes(self) -> list[ChannelNode]:
-        """The stem and each stage's residual stream (one node per stage), and every block's
-        inner conv1 -> conv2 channels."""
-        stream = ChannelNode("conv1", [(self.conv1, self.bn1)])
-        nodes = []
-        for s, stage in enumerate(self.layers):
-            for j, block in enumerate(stage):
-                stream.consumers.append(block.conv1)
-                if not isinstance(block.shortcut, nn.Identity):
-                    stream.consumers.append(block.shortcut[0])
-                    nodes.append(stream)
-                    stream = ChannelNode(f"layers.{s}", [(block.shortcut[0], block.shortcut[1])])
-                nodes.append(ChannelNode(f"layers.{s}.{j}.conv1", [(block.conv1, block.bn1)],
-                                         [block.conv2]))
-                stream.producers.append((block.conv2, block.bn2))
-        stream.consumers.append(self.fc)
-        return [*nodes, stream]
-
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> ResNet:
     n = (depth - 2) // 6
@@ -140,12 +121,6 @@ class ImageNetBasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
-    def inner_nodes(self, prefix: str) -> list[ChannelNode]:
-        return [ChannelNode(f"{prefix}.conv1", [(self.conv1, self.bn1)], [self.conv2])]
-
-    def output(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-        return self.conv2, self.bn2
-
 
 class Bottleneck(nn.Module):
     """torchvision's Bottleneck (v1.5): conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1 to
@@ -171,13 +146,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
-
-    def inner_nodes(self, prefix: str) -> list[ChannelNode]:
-        return [ChannelNode(f"{prefix}.conv1", [(self.conv1, self.bn1)], [self.conv2]),
-                ChannelNode(f"{prefix}.conv2", [(self.conv2, self.bn2)], [self.conv3])]
-
-    def output(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-        return self.conv3, self.bn3
 
 
 def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
@@ -223,23 +191,6 @@ class ImageNetResNet(nn.Module):
         for stage in self.stages():
             x = stage(x)
         return self.fc(self.avgpool(x).flatten(1))
-
-    def channel_nodes(self) -> list[ChannelNode]:
-        """The stem and each stage's residual stream (a stream ends at a ``downsample``), and
-        every block's inner channels (conv1 -> conv2, and conv2 -> conv3 in a Bottleneck)."""
-        stream = ChannelNode("conv1", [(self.conv1, self.bn1)])
-        nodes = []
-        for s, stage in enumerate(self.stages()):
-            for j, block in enumerate(stage):
-                stream.consumers.append(block.conv1)
-                if block.downsample is not None:
-                    stream.consumers.append(block.downsample[0])
-                    nodes.append(stream)
-                    stream = ChannelNode(f"layer{s + 1}", [(block.downsample[0], block.downsample[1])])
-                nodes += block.inner_nodes(f"layer{s + 1}.{j}")
-                stream.producers.append(block.output())
-        stream.consumers.append(self.fc)
-        return [*nodes, stream]
 
 
 _IMAGENET = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import IMAGENET_MEAN, IMAGENET_STD, register_model
-from .channels import ChannelNode
 
 _CONFIGS = {
     "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -49,14 +48,6 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
-
-    def channel_nodes(self) -> list[ChannelNode]:
-        """One node per conv: its output channels, read by the next conv or the classifier."""
-        convs = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
-        norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
-        readers = [conv for _, conv in convs[1:]] + [self.classifier[1]]
-        return [ChannelNode(f"features.{name}", [(conv, norm)], [reader])
-                for (name, conv), norm, reader in zip(convs, norms, readers)]
 
 
 @register_model("vgg11_bn", input_size=(3, 32, 32))
@@ -108,15 +99,6 @@ class ImageNetVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
-
-    def channel_nodes(self) -> list[ChannelNode]:
-        """One node per conv but the last: its output channels, read by the next conv. The last
-        conv's channels stay: the classifier reads each through 49 inputs (7x7 positions), which
-        a ChannelNode (one reader input per channel) cannot express."""
-        convs = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
-        norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
-        return [ChannelNode(f"features.{name}", [(conv, norm)], [reader])
-                for (name, conv), norm, (_, reader) in zip(convs, norms, convs[1:])]
 
 
 @register_model("vgg16_bn_imagenet", input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)

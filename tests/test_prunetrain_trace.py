@@ -170,7 +170,8 @@ def test_residual_stages_and_readers_of_an_imagenet_style_resnet():
     # stem + layer1's first projection end the stem's node; stage streams are named by stage
     assert members["conv1"] == {("conv1", 0), ("bn1", 0), ("layer1.0.conv1", 1), ("layer1.0.downsample.0", 1)}
     assert members["layer1"] == {
-        ("layer1.0.conv2", 0), ("layer1.0.bn2", 0), ("layer1.0.downsample.0", 0), ("layer1.0.downsample.1", 0),
+        ("layer1.0.conv2", 0), ("layer1.0.bn2", 0),
+        ("layer1.0.downsample.0", 0), ("layer1.0.downsample.1", 0),
         ("layer1.1.conv2", 0), ("layer1.1.bn2", 0), ("layer1.1.conv1", 1), ("layer2.0.conv1", 1),
         ("layer2.0.downsample.0", 1)}
     assert ("fc", 1) in members["layer3"]
@@ -283,8 +284,8 @@ def test_shrunk_model_resumes_in_another_process(tmp_path):
     method.coefficient = 0.25
     torch.save({"pruner": method.state_dict(), "model": model.state_dict(), "x": x}, tmp_path / "ckpt.pt")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", _RESUME, str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     other = torch.load(tmp_path / "out.pt")
     assert other["names"] == [node.name for node in method.nodes]
