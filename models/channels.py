@@ -300,6 +300,8 @@ class _ChannelTracer:
             self.inputs[name] = tensors[0]
             self.union(value.key, self.layer(name, 0, "norm", node))
             self.values[node] = _Value(value.key, 1, _shape(node))
+        elif _shape(node) is None:
+            self.refuse(node, "returns something other than one tensor")
         elif type(module) in _KEEP_MODULES:
             self.keep(node, tensors)
         elif isinstance(module, nn.Flatten | nn.Unflatten):

@@ -124,6 +124,27 @@ class TinyMobileSE(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).view(x.size(0), -1))
 
 
+class LinearSE(nn.Module):
+    """The classic squeeze-excite: pool, flatten, linear-ReLU-linear-sigmoid, view back, x * gate;
+    then a residual add, and a pooled max over the map before the classifier."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.squeeze = nn.Linear(12, 4)
+        self.excite = nn.Linear(4, 12)
+        self.conv2 = nn.Conv2d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        b, c = x.size(0), x.size(1)
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1).flatten(1)))))
+        x = x + self.conv2(x * gate.view(b, c, 1, 1))
+        return self.fc(x.amax((2, 3)))
+
+
 # The ResNets' and VGGs' channel nodes, as their hand-written channel_nodes() listed them.
 
 def _cifar_resnet_nodes(model) -> dict[str, set]:
@@ -244,8 +265,9 @@ def _onnx_matches(model: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("build", [StemResNet, TinyMobileSE, lambda: create_model("mobilenet_v2", 10, 3)],
-                         ids=["stem_resnet", "mobile_se", "mobilenet_v2"])
+@pytest.mark.parametrize("build", [StemResNet, TinyMobileSE, LinearSE,
+                                   lambda: create_model("mobilenet_v2", 10, 3)],
+                         ids=["stem_resnet", "mobile_se", "linear_se", "mobilenet_v2"])
 def test_traced_models_shrink_keep_their_function_and_export(build):
     torch.manual_seed(0)
     model = build()
