@@ -42,7 +42,8 @@ class ImportedModel:
     module: tvm.IRModule = field(repr=False)
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
-    conv_names: list[str]  # every Conv with a constant weight, in graph order
+    conv_names: list[str]  # every Conv with a constant weight, in graph order: its weight's module
+    # (a torch export's "<module>.weight" initializer) or else its node name
     metadata: PatternMetadata | None
     opset: int
 
@@ -129,8 +130,8 @@ def _drop_empty_resize_scales(model: onnx.ModelProto) -> None:
 def _conv_names(model: onnx.ModelProto) -> list[str]:
     constants = {t.name for t in model.graph.initializer} | \
         {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    return [n.name or n.output[0] for n in model.graph.node
-            if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in constants]
+    return [n.input[1].removesuffix(".weight") if n.input[1].endswith(".weight") else n.name or n.output[0]
+            for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in constants]
 
 
 def opset_of(model: onnx.ModelProto) -> int:

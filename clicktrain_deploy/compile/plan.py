@@ -108,10 +108,13 @@ class ConvKernels:
                   in_lanes: int, layout: Layout) -> tuple[str, ConvSpec, list[np.ndarray]]:
         """One candidate: its spec and compact weights [ptr, coff, wv]."""
         spec = _spec(layer, groups, 0, in_lanes, layout.lanes, (4, 4))
-        tile = layout.pattern_tile if kernel == "pattern" else choose_tile(*spec.out_hw, layout.dense_tiles)
+        full_dense = len(groups) == 1 and bool((assign >= 0).all()) and layout.full_dense_tiles
+        out_tile = layout.full_dense_out_tile if full_dense else 1
+        tiles = layout.full_dense_tiles if full_dense else layout.dense_tiles
+        tile = layout.pattern_tile if kernel == "pattern" else choose_tile(*spec.out_hw, tiles)
         spec = _spec(layer, groups, 0, in_lanes, layout.lanes, tile)
         ptr, coff, wv = compact_weights(weight, assign, spec)
-        return kernel, _spec(layer, groups, int(ptr[-1]), in_lanes, layout.lanes, tile), [ptr, coff, wv]
+        return kernel, _spec(layer, groups, int(ptr[-1]), in_lanes, layout.lanes, tile, out_tile), [ptr, coff, wv]
 
     def depthwise(self, layer: ConvLayer, layout: Layout) -> tuple[str, DepthwiseSpec, list[np.ndarray]]:
         """The depthwise kernel of a channel-multiplier-1 grouped conv: spec and [w (CB, KH*KW, L)]."""
@@ -136,12 +139,12 @@ class ConvKernels:
         return spec.batch, blocks, oh, ow, spec.lanes
 
 
-def _spec(layer: ConvLayer, groups, entries: int, in_lanes: int, lanes: int, tile) -> ConvSpec:
+def _spec(layer: ConvLayer, groups, entries: int, in_lanes: int, lanes: int, tile, out_tile: int = 1) -> ConvSpec:
     batch, channels, height, width = layer.source
     return ConvSpec(in_channels=channels, out_channels=layer.weight.shape[0], height=height, width=width,
                     in_lanes=in_lanes, lanes=lanes, groups=groups, entries=entries,
                     kernel=tuple(layer.weight.shape[2:]), stride=layer.stride, padding=layer.padding,
-                    dilation=layer.dilation, batch=batch, epilogue=layer.epilogue, tile=tile)
+                    dilation=layer.dilation, batch=batch, epilogue=layer.epilogue, tile=tile, out_tile=out_tile)
 
 
 def plan_conv(layer: ConvLayer, library: np.ndarray | None, layout: Layout, in_lanes: int,
