@@ -27,6 +27,7 @@ from .report import SparsityReport, build_report
 def _take(param: nn.Parameter, dim: int, index: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """Keep ``index`` along ``dim`` of a parameter and of optimizer state shaped like it."""
     state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    index = index.to(param.device)
     for key, value in state.items():
         if isinstance(value, Tensor) and value.shape == param.shape:
             state[key] = value.index_select(dim, index)
@@ -44,9 +45,9 @@ def channel_strength(node: ChannelNode) -> Tensor:
     writers (depthwise convs included), input channels of its readers."""
     strength = torch.zeros(node.width)
     for layer, _ in node.producers:
-        strength = torch.maximum(strength, layer.weight.detach().abs().flatten(1).amax(1))
+        strength = torch.maximum(strength, layer.weight.detach().abs().flatten(1).amax(1).cpu())
     for reader in node.consumers:
-        strength = torch.maximum(strength, reader_channel_norms(reader))
+        strength = torch.maximum(strength, reader_channel_norms(reader).cpu())
     return strength
 
 
@@ -60,8 +61,8 @@ def _take_norm(norm: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer |
         if param is not None:
             _take(param, 0, keep, optimizer)
     if norm.running_mean is not None:
-        norm.running_mean = norm.running_mean[keep]
-        norm.running_var = norm.running_var[keep]
+        norm.running_mean = norm.running_mean[keep.to(norm.running_mean.device)]
+        norm.running_var = norm.running_var[keep.to(norm.running_var.device)]
     norm.num_features = len(keep)
 
 
@@ -105,7 +106,7 @@ def channel_group_lasso(nodes: list[ChannelNode]) -> Tensor:
 def _expand(tensor: Tensor, dim: int, ids: Tensor, width: int) -> Tensor:
     shape = list(tensor.shape)
     shape[dim] = width
-    return tensor.new_zeros(shape).index_copy_(dim, ids, tensor)
+    return tensor.new_zeros(shape).index_copy_(dim, ids.to(tensor.device), tensor)
 
 
 @PRUNING_METHODS.register("prunetrain")
