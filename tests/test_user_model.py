@@ -324,6 +324,10 @@ def test_prunetrain_checkpoint_as_weights_shrinks_first(tmp_path, fmnist):
     shrunk.unlink()  # export, report and resume need only the run's own checkpoint
     restored, _ = restore_model(load_checkpoint(result.output_dir))
     assert restored.layers[0][0].conv1.out_channels == width
+    # that run's checkpoint as weights: the recorded shrink comes with it
+    fresh = parse_recipe(raw).model.build(10, 1)
+    load_weights(fresh, result.checkpoint)
+    assert fresh.layers[0][0].conv1.out_channels == width
     # a full-width state_dict does not fit a shrunk model: strict loading says which keys
     plain = tmp_path / "plain.pt"
     torch.save(restored.state_dict(), plain)

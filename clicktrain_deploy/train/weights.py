@@ -7,7 +7,7 @@ weights are loaded. Loading is strict: every key of the model must be in the fil
 shape and the file may hold no other key; otherwise ``ModelError`` names the file, the missing
 and unexpected keys and every shape mismatch (key, file's shape, model's shape).
 
-The shrink (``Shrink``: the PruneTrain settings and channels) is recorded in our own checkpoints
+The shrink (``Shrink``: the PruneTrain settings and channels, per step) is recorded in our own checkpoints
 (key ``"base_shrink"``), so a run started from PruneTrain weights is resumed, exported and
 reported without the weights file.
 """
@@ -19,19 +19,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ModelError
+from ..errors import ModelError
 from ..pruning.config import PruningConfig
 from ..pruning.method import create_method
 
 # Methods whose checkpoints change the model's shapes (``PruningMethod.load_state_dict`` shrinks).
 SHAPE_CHANGING_METHODS = ("prunetrain",)
 _LISTED = 8
+# Shrink steps, applied in order to a fresh model: each a PruneTrain run's [pruning] table and
+# method state ({"pruning": ..., "pruner": ...}); a chain when PruneTrain weights start a run
+# whose checkpoint starts another.
+Shrink = list[dict[str, Any]]
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """The state_dict in ``path`` and, for a PruneTrain checkpoint, its shrink
-    (``{"pruning": <its [pruning] table>, "pruner": <its method state>}``; None otherwise)."""
-    from .checkpoint import FORMAT, load_checkpoint
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], Shrink | None]:
+    """The state_dict in ``path`` and the shrink its model needs: for one of our checkpoints, the
+    shrink its run started from (``base_shrink``) and, for a PruneTrain run, its own channels;
+    None when the shapes are the fresh model's."""
+    from .checkpoint import FORMAT, VERSION
 
     path = Path(path)
     if not path.is_file():
@@ -43,15 +48,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | 
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          "save one with torch.save(model.state_dict(), path)") from None
     if isinstance(loaded, dict) and loaded.get("format") == FORMAT:
-        try:
-            saved = load_checkpoint(path)  # checks the version
-        except CheckpointError as exc:
-            raise ModelError(f"model.weights {exc}") from None
-        pruning = saved["recipe"].get("pruning", {})
-        shrink = None
+        if loaded.get("version") != VERSION:
+            raise ModelError(f"model.weights {path}: checkpoint version {loaded.get('version')} is "
+                             f"not supported (this build reads version {VERSION})")
+        pruning = loaded["recipe"].get("pruning", {})
+        shrink = list(loaded.get("base_shrink") or [])
         if pruning.get("method") in SHAPE_CHANGING_METHODS:
-            shrink = {"pruning": pruning, "pruner": saved["pruner"]}
-        return saved["model"], shrink
+            shrink.append({"pruning": pruning, "pruner": loaded["pruner"]})
+        return loaded["model"], shrink or None
     if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                for k, v in loaded.items()):
         raise ModelError(f"model.weights {path}: holds a {type(loaded).__name__} that is neither a "
@@ -59,15 +63,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | 
     return loaded, None
 
 
-def apply_shrink(model: nn.Module, shrink: dict[str, Any] | None, source: str = "model.weights") -> None:
-    """Shrink a fresh ``model`` to the channels a PruneTrain checkpoint recorded (no-op for None)."""
-    if shrink is None:
-        return
-    try:
-        method = create_method(model, PruningConfig.model_validate(shrink["pruning"]))
-        method.load_state_dict(shrink["pruner"])
-    except Exception as exc:
-        raise ModelError(f"{source}: cannot shrink the model to the checkpoint's channels: {exc}") from exc
+def apply_shrink(model: nn.Module, shrink: Shrink | None, source: str = "model.weights") -> None:
+    """Shrink a fresh ``model`` to the channels PruneTrain recorded, step by step (no-op for None)."""
+    for step in shrink or []:
+        try:
+            method = create_method(model, PruningConfig.model_validate(step["pruning"]))
+            method.load_state_dict(step["pruner"])
+        except Exception as exc:
+            raise ModelError(f"{source}: cannot shrink the model to the checkpoint's channels: "
+                             f"{exc}") from exc
 
 
 def _listed(keys: list[str]) -> str:
@@ -96,7 +100,7 @@ def load_state_strictly(model: nn.Module, state: dict[str, Tensor], source: str)
     model.load_state_dict(state)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
+def load_weights(model: nn.Module, path: str | Path) -> Shrink | None:
     """Load ``path`` into ``model`` strictly (shrinking it first for a PruneTrain checkpoint);
     returns the shrink applied (None when the shapes stayed)."""
     state, shrink = read_weights(path)
@@ -106,8 +110,8 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
 
 
 def build_recipe_model(model_config, num_classes: int, in_channels: int,
-                       shrink: dict[str, Any] | None = None, load: bool = True
-                       ) -> tuple[nn.Module, dict[str, Any] | None]:
+                       shrink: Shrink | None = None, load: bool = True
+                       ) -> tuple[nn.Module, Shrink | None]:
     """The recipe's model (``ModelConfig``): built, then shrunk by a recorded ``shrink`` or, when
     ``load`` and ``model_config.weights`` is set, loaded from the weights file. Returns the model
     and the shrink it carries."""
