@@ -1,22 +1,19 @@
 """Every generated conv variant against torch (float64) on odd shapes, compiled for the host."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
+import tvm
 
-tvm = pytest.importorskip("tvm")
-
-from clicktrain_deploy.compile.conv_kernels import (  # noqa: E402
+from clicktrain_deploy.compile.conv_kernels import (
     ConvSpec, DepthwiseSpec, all_taps, block_diagonal, compact_weights, connectivity_assignment, conv_tvmscript,
     depthwise_tvmscript, depthwise_weights, epilogue_expression, from_nchwc, library_taps, pattern_assignment,
     to_nchwc,
 )
-from clicktrain_deploy.compile.ops import LAYOUT_ATTR, pack_tvmscript, unpack_tvmscript  # noqa: E402
-from clicktrain_deploy.compile.targets import TARGETS  # noqa: E402
-from clicktrain_deploy.pruning.patterns import PATTERN_LIBRARIES  # noqa: E402
+from clicktrain_deploy.compile.ops import LAYOUT_ATTR, pack_tvmscript, unpack_tvmscript
+from clicktrain_deploy.compile.targets import TARGETS
+from clicktrain_deploy.pruning.patterns import PATTERN_LIBRARIES
 
 HOST = tvm.target.Target({**TARGETS.get("x86")().tvm_target, "num-cores": 2})
 LIBRARY = PATTERN_LIBRARIES.get("clicktrain8")().numpy()
