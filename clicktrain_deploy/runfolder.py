@@ -5,6 +5,7 @@ agree::
 
     <output_dir>/
       checkpoints/epoch-NNNN.pt, metrics.jsonl, sparsity.json   train
+      conv_selection.json                                        train (ClickTrain, ADMM): convs taken/left
       model.onnx                                                 export
       validation/<runtime>.json                                  validate (onnxruntime, each target)
       targets/<target>/model.so, model.json                      compile (library, manifest)
@@ -34,6 +35,11 @@ class RunFolder:
     @property
     def sparsity(self) -> Path:
         return self.root / "sparsity.json"
+
+    @property
+    def conv_selection(self) -> Path:
+        """Every conv of the model, taken by pattern pruning or left, with the reason."""
+        return self.root / "conv_selection.json"
 
     @property
     def onnx(self) -> Path:
