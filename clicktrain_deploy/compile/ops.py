@@ -2,9 +2,8 @@
 
   pack      (N, C, H, W) -> (N, ceil(C/Li), H, W, Li)       activations into the blocked layout
   unpack    (N, ceil(C/L), H, W, L) -> (N, C, H, W)         blocked activations back to NCHW
-  avgpool   (CB, H, W, L) -> (1, CB * L)                    global average pool (+ flatten)
-  maxpool   (CB, H, W, L) -> (CB, OH, OW, L)                2x2 stride 2, ceil mode
-  dense     (1, K) x W (N, K) + b (N,) -> (1, N)            classifier layer, optional ReLU
+  maxpool   (N, CB, H, W, L) -> (N, CB, OH, OW, L)          any window, stride, padding, dilation
+  matmul    (N, K) x W (M, K) + b (M,) -> (N, M)            a constant-weight classifier, with epilogue
 """
 from __future__ import annotations
 
@@ -42,54 +41,66 @@ def {name}(X: T.Buffer(({batch}, {blocks}, {height}, {width}, {lanes}), 'float32
 """
 
 
-def avgpool_tvmscript(blocks: int, height: int, width: int, lanes: int, name: str) -> str:
+def maxpool_tvmscript(batch: int, blocks: int, height: int, width: int, lanes: int, out_hw: tuple[int, int],
+                      kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int, int, int],
+                      dilation: tuple[int, int], name: str) -> str:
+    """Max pool on NCHW[L]c: (N, CB, H, W, L) -> (N, CB, OH, OW, L), vectorised over the lanes.
+
+    Window (oy, ox) starts at (oy * sh - top, ox * sw - left); taps outside the input (padding,
+    ceil mode) are skipped, as ONNX defines it. ``out_hw`` is the output size the graph states."""
+    (oh, ow), (kh, kw), (sh, sw), (dh, dw) = out_hw, kernel, stride, dilation
+    top, left = padding[0], padding[1]
+    taps = []
+    for ky in range(kh):
+        for kx in range(kw):
+            y, x = f"oy * {sh} + {ky * dh - top}", f"ox * {sw} + {kx * dw - left}"
+            valid = f"{y} >= 0 and {y} < {height} and {x} >= 0 and {x} < {width}"
+            load = f"X[n, c, T.min(T.max({y}, 0), {height - 1}), T.min(T.max({x}, 0), {width - 1}), l]"
+            taps.append(f"            acc[l] = T.max(acc[l], T.if_then_else({valid}, {load}, T.float32(-3.4028234663852886e38)))")
+    body = "\n".join(f"    {t}" for t in taps)
     return f"""@T.prim_func
-def {name}(X: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer((1, {blocks * lanes}), 'float32')):
+def {name}(X: T.Buffer(({batch}, {blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer(({batch}, {blocks}, {oh}, {ow}, {lanes}), 'float32')):
     {ATTRS.format(name=name)}
-    acc = T.alloc_buffer(({lanes},), 'float32', scope='local')
-    for c in range({blocks}):
-        for l in T.vectorized({lanes}):
-            acc[l] = T.float32(0)
-        for y, x in T.grid({height}, {width}):
+    for job in T.parallel({batch * blocks * oh}):
+        n: T.let = job // {blocks * oh}
+        c: T.let = job // {oh} % {blocks}
+        oy: T.let = job % {oh}
+        for ox in range({ow}):
+            acc = T.alloc_buffer(({lanes},), 'float32')
             for l in T.vectorized({lanes}):
-                acc[l] = acc[l] + X[c, y, x, l]
-        for l in T.vectorized({lanes}):
-            Y[0, c * {lanes} + l] = acc[l] * T.float32({1.0 / (height * width)!r})
+                acc[l] = T.float32(-3.4028234663852886e38)
+            for l in T.vectorized({lanes}):
+{body}
+            for l in T.vectorized({lanes}):
+                Y[n, c, oy, ox, l] = acc[l]
 """
 
 
-def maxpool_tvmscript(blocks: int, height: int, width: int, lanes: int, name: str) -> str:
-    oh, ow = math.ceil(height / 2), math.ceil(width / 2)
+def matmul_tvmscript(batch: int, inputs: int, outputs: int, epilogue: tuple, lanes: int, name: str) -> str:
+    """Y (N, M) = epilogue(X (N, K) @ W.T + b): W (M, K) row-major, b (M,); parallel over the
+    outputs, the reduction vectorised over K in ``lanes`` chunks (a scalar loop for the tail)."""
+    from .conv_kernels import epilogue_expression
+
+    main, tail = inputs // lanes * lanes, inputs % lanes
+    value = epilogue_expression(epilogue, "tot[0] + b[m]", "")
+    tail_loop = (f"""
+        for k in range({tail}):
+            tot[0] = tot[0] + X[n, {main} + k] * W[m, {main} + k]""" if tail else "")
     return f"""@T.prim_func
-def {name}(X: T.Buffer(({blocks}, {height}, {width}, {lanes}), 'float32'), Y: T.Buffer(({blocks}, {oh}, {ow}, {lanes}), 'float32')):
+def {name}(X: T.Buffer(({batch}, {inputs}), 'float32'), W: T.Buffer(({outputs}, {inputs}), 'float32'), b: T.Buffer(({outputs},), 'float32'), Y: T.Buffer(({batch}, {outputs}), 'float32')):
     {ATTRS.format(name=name)}
-    for c in T.parallel({blocks}):
-        for y, x in T.grid({oh}, {ow}):
-            for l in T.vectorized({lanes}):
-                Y[c, y, x, l] = T.max(T.max(X[c, 2 * y, 2 * x, l], X[c, 2 * y, T.min(2 * x + 1, {width - 1}), l]),
-                                      T.max(X[c, T.min(2 * y + 1, {height - 1}), 2 * x, l], X[c, T.min(2 * y + 1, {height - 1}), T.min(2 * x + 1, {width - 1}), l]))
-"""
-
-
-def dense_tvmscript(inputs: int, width: int, relu: bool, lanes: int, name: str) -> str:
-    """Y = X @ W.T + b for ``width`` outputs; W (width, K) and b are zero-padded by the caller.
-
-    ``inputs`` (K) must be a multiple of ``lanes``; the reduction is vectorized over K.
-    """
-    value = "T.max(tot[0] + b[n], T.float32(0))" if relu else "tot[0] + b[n]"
-    return f"""@T.prim_func
-def {name}(X: T.Buffer((1, {inputs}), 'float32'), W: T.Buffer(({width}, {inputs}), 'float32'), b: T.Buffer(({width},), 'float32'), Y: T.Buffer((1, {width}), 'float32')):
-    {ATTRS.format(name=name)}
-    acc = T.alloc_buffer(({lanes},), 'float32', scope='local')
-    tot = T.alloc_buffer((1,), 'float32', scope='local')
-    for n in range({width}):
+    for job in T.parallel({batch * outputs}):
+        n: T.let = job // {outputs}
+        m: T.let = job % {outputs}
+        acc = T.alloc_buffer(({lanes},), 'float32')
+        tot = T.alloc_buffer((1,), 'float32')
         for l in T.vectorized({lanes}):
             acc[l] = T.float32(0)
-        for k in range({inputs // lanes}):
+        for k in range({main // lanes}):
             for l in T.vectorized({lanes}):
-                acc[l] = acc[l] + X[0, k * {lanes} + l] * W[n, k * {lanes} + l]
+                acc[l] = acc[l] + X[n, k * {lanes} + l] * W[m, k * {lanes} + l]
         tot[0] = T.float32(0)
         for l in range({lanes}):
-            tot[0] = tot[0] + acc[l]
-        Y[0, n] = {value}
+            tot[0] = tot[0] + acc[l]{tail_loop}
+        Y[n, m] = {value}
 """

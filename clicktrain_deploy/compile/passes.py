@@ -27,7 +27,7 @@ from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
 from ..contract import LayerEntry, MetadataError, PatternMetadata, check_weight
 from .errors import CompileError
-from .ops import LAYOUT_ATTR, pack_tvmscript, unpack_tvmscript
+from .ops import LAYOUT_ATTR, matmul_tvmscript, maxpool_tvmscript, pack_tvmscript, unpack_tvmscript
 from .plan import ConvKernels, ConvLayer, HostTimer, LayerKernel, plan_conv
 from .targets import Layout, TargetSpec
 
@@ -246,6 +246,7 @@ class _ConvRewriter(relax.PyExprMutator):
         self.rejected: list = []   # (name, weight) of 3x3 convs that matched no layer
         self.manifest: list[LayerKernel] = []
         self.chains: dict = {}     # tail var -> (_Chain, ConvLayer)
+        self.matmuls: dict = {}    # tail var -> (matmul call, bias | None, steps)
         self.blocked: dict = {}    # NCHW var -> (blocked var, lanes) it was unpacked from
         self.count, self.names = 0, {gv.name_hint for gv in mod.get_global_vars()}
 
@@ -272,6 +273,13 @@ class _ConvRewriter(relax.PyExprMutator):
             chain, tail = self._chain(conv, index, claimed)
             layer = self._conv_layer(conv, name, chain)
             self.chains[tail] = (chain, layer)
+            claimed.add(tail)
+        if self.kernels.blocked:  # CPU: constant-weight classifiers on our matmul kernel
+            for b in bindings:
+                if _is_op(b.value, "relax.matmul") and isinstance(b.value.args[1], tvm.ir.Constant) \
+                        and len(_shape(b.value.args[0])) == 2 and b.value.args[1].value.numpy().ndim == 2 \
+                        and b.value.args[0].ty.dtype == "float32":
+                    self._matmul_chain(b, claimed)
 
     def _conv_layer(self, conv: relax.VarBinding, name: str, chain: _Chain | None = None) -> ConvLayer:
         attrs, weight = conv.value.attrs, conv.value.args[1].value.numpy()
@@ -310,6 +318,24 @@ class _ConvRewriter(relax.PyExprMutator):
                 residual = self._operand_var(found[RESIDUAL_OPERAND])
             steps.append(step)
         return _Chain(conv, index, bias, tuple(steps), residual), tail
+
+    def _matmul_chain(self, matmul: relax.VarBinding, claimed: set) -> None:
+        """A classifier layer: matmul (N, K) x (K, M) with its bias add and activations."""
+        tail, bias, steps = matmul.var, None, []
+        match = self._step(tail, [("bias", BIAS, lambda m: ("bias",))], claimed)
+        outputs = _shape(matmul.var)[1]
+        if match is not None:
+            values = match[1][BIAS_VALUE].value.numpy()
+            if values.size == outputs and values.shape in ((outputs,), (1, outputs)):
+                tail, bias = match[0], values.reshape(-1)
+        for _ in range(MAX_STEPS):
+            match = self._step(tail, STEP_PATTERNS, claimed)
+            if match is None:
+                break
+            tail, _, step = match
+            steps.append(step)
+        claimed.add(tail)
+        self.matmuls[tail] = (matmul.value, bias, tuple(steps))
 
     def _operand_var(self, expr) -> relax.Expr:
         """The variable a matched operand was bound to (matches see through bindings)."""
@@ -401,6 +427,10 @@ class _ConvRewriter(relax.PyExprMutator):
         layout = self._layout_kind(value)
         if binding.var in self.chains:
             out = self._emit_conv(*self.chains[binding.var])
+        elif binding.var in self.matmuls:
+            out = self._emit_matmul(*self.matmuls[binding.var])
+        elif self.kernels.blocked and _is_op(value, "relax.nn.max_pool2d"):
+            out = self._emit_maxpool(value, _shape(binding.var))
         elif layout == "pack":  # packing what a kernel of ours unpacked: use its blocked output
             source = self.visit_expr(value.args[1].fields[0])
             if source in self.blocked and self.blocked[source][1] == _shape(binding.var)[-1]:
@@ -444,6 +474,32 @@ class _ConvRewriter(relax.PyExprMutator):
         batch, oc, (oh, ow) = layer.source[0], layer.weight.shape[0], spec.out_hw
         nchw = self._kernel(unpack_tvmscript(batch, oc, oh, ow, lanes, "__NAME__"), "unpack", [out], (batch, oc, oh, ow))
         self.blocked[nchw] = (out, lanes)
+        return nchw
+
+    def _emit_matmul(self, matmul: relax.Call, bias, steps: tuple) -> relax.Var:
+        weight = matmul.args[1].value.numpy()
+        x = self.visit_expr(matmul.args[0])
+        (batch, inputs), outputs = _shape(x), weight.shape[1]
+        bias = np.zeros(outputs, np.float32) if bias is None else bias.astype(np.float32)
+        source = matmul_tvmscript(batch, inputs, outputs, steps, self.layout.lanes, "__NAME__")
+        return self._kernel(source, "matmul", [x, relax.const(np.ascontiguousarray(weight.T, np.float32)),
+                                              relax.const(bias)], (batch, outputs))
+
+    def _emit_maxpool(self, pool: relax.Call, out_shape: tuple[int, ...]) -> relax.Var | None:
+        """A max pool between our kernels runs on their blocked output (else it stays TVM's)."""
+        x = self.visit_expr(pool.args[0])
+        attrs = pool.attrs
+        if x not in self.blocked or attrs.layout != "NCHW" or attrs.out_layout != "NCHW" or x.ty.dtype != "float32":
+            return None
+        blocked, lanes = self.blocked[x]
+        batch, blocks, height, width, _ = _shape(blocked)
+        source = maxpool_tvmscript(batch, blocks, height, width, lanes, out_shape[2:],
+                                   tuple(int(v) for v in attrs.pool_size), tuple(int(v) for v in attrs.strides),
+                                   tuple(int(v) for v in attrs.padding), tuple(int(v) for v in attrs.dilation), "__NAME__")
+        pooled = self._kernel(source, "maxpool", [blocked], (batch, blocks, *out_shape[2:], lanes))
+        nchw = self._kernel(unpack_tvmscript(batch, out_shape[1], *out_shape[2:], lanes, "__NAME__"), "unpack",
+                            [pooled], out_shape)
+        self.blocked[nchw] = (pooled, lanes)
         return nchw
 
     def _pack(self, x: relax.Expr, lanes: int) -> relax.Expr:
