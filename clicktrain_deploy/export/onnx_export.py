@@ -86,7 +86,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, opset: int = DEFA
         metadata = PatternMetadata(pruner.library.cpu().numpy(), [
             LayerEntry(f"{name}.weight", name, mask.to_contract()) for name, mask in pruner.masks.items()])
         annotate(proto, metadata)
-    info = {**saved["data"], "model": saved["recipe"]["model"]["name"], "epoch": saved["epoch"]}
+    spec = saved["recipe"]["model"]
+    info = {**saved["data"], "model": spec.get("name") or spec.get("factory") or Path(str(spec.get("file"))).name,
+            "epoch": saved["epoch"]}
     proto.metadata_props.add(key=MODEL_INFO_KEY, value=json.dumps(info))
     proto.producer_name = "clicktrain-deploy"
     try:

@@ -91,8 +91,10 @@ def train_stage(recipe: Recipe, folder: RunFolder) -> Stage:
                 f"{result.report.compression['paper_convs']:.2f}x conv compression")
 
     epochs = recipe.schedule.epochs
-    return Stage("train", "train", f"{recipe.model.name} on {recipe.data.name}, {epochs} epochs, "
-                 f"{recipe.pruning.method}", settings, [],
+    # a user's model file and weights decide what is trained: their bytes key the stage too
+    reads = [Path(p) for p in (recipe.model.file and recipe.model.file.rpartition(":")[0], recipe.model.weights) if p]
+    return Stage("train", "train", f"{recipe.model.label} on {recipe.data.name}, {epochs} epochs, "
+                 f"{recipe.pruning.method}", settings, reads,
                  [folder.final_checkpoint(epochs), folder.metrics, folder.sparsity], run, own_progress=True)
 
 
