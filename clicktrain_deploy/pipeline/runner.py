@@ -76,7 +76,9 @@ def stage_digest(stage: Stage, folder: RunFolder, codes: dict[str, str] | None =
     codes = {} if codes is None else codes
     if stage.kind not in codes:
         codes[stage.kind] = code_digest(STAGES.get(stage.kind))
-    reads = {str(p.relative_to(folder.root)): p for p in stage.reads}
+    # files of the run folder by their name in it; others (a user's model file and weights, which
+    # need not lie under output_dir) by their absolute path
+    reads = {str(p.relative_to(folder.root) if p.is_relative_to(folder.root) else p): p for p in stage.reads}
     return inputs_digest(stage.settings, reads, codes[stage.kind]), codes[stage.kind]
 
 
