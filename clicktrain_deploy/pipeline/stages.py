@@ -81,6 +81,7 @@ def train_stage(recipe: Recipe, folder: RunFolder) -> Stage:
 
     settings = recipe.model_dump(exclude={"output_dir", "keep_checkpoints", "deploy"})
     settings["schedule"].pop("threads")  # as resuming allows: how fast, not what is trained
+    settings["data"].pop("workers", None)
 
     def run(ctx: StageContext) -> str:
         if not ctx.resume:  # outputs of a run under other settings: start over
