@@ -47,3 +47,11 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     run = train(parse_recipe(small_recipe(out / "run", schedule={"epochs": 3})), progress=False)
     return run, export_onnx(run.output_dir, out / "model.onnx", check_images=200)
+
+
+WALL_CLOCK_METRICS = ("epoch_seconds", "images_per_second")
+
+
+def without_wall_clock(metrics: list[dict]) -> list[dict]:
+    """Metrics rows without what measures time (a resumed or other-rank run differs only there)."""
+    return [{k: v for k, v in m.items() if k not in WALL_CLOCK_METRICS} for m in metrics]

@@ -30,17 +30,13 @@ from clicktrain_deploy.pruning.clicktrain import PrunedLayer, estimate_importanc
 from clicktrain_deploy.pruning.config import PruningConfig
 from clicktrain_deploy.train import load_checkpoint, restore_model
 
-from .conftest import REPO, small_recipe
+from .conftest import REPO, small_recipe, without_wall_clock
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 
 
 def _recipe(output_dir) -> dict:
     return small_recipe(output_dir, schedule={"epochs": 3}, data={"test_subset": 500})
-
-
-def _without_times(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in metrics]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,7 @@ def test_ranks_end_with_identical_masks_weights_and_metrics(runs):
     assert rank0["pruner"]["masks"].keys() == rank1["pruner"]["masks"].keys()
     for name, mask in rank0["pruner"]["masks"].items():
         assert torch.equal(mask["pattern_ids"], rank1["pruner"]["masks"][name]["pattern_ids"]), name
-    assert _without_times(rank0["metrics"]) == _without_times(rank1["metrics"])
+    assert without_wall_clock(rank0["metrics"]) == without_wall_clock(rank1["metrics"])
     assert [m["phase"] for m in rank0["metrics"]] == ["dense", "regularize", "hard"]
 
 
@@ -94,14 +90,14 @@ def test_only_rank_0_wrote_files_and_its_checkpoint_is_the_ranks_state(runs):
     for key, value in runs["states"][0]["model"].items():
         assert torch.equal(saved["model"][key], value), key
     # epoch 0 came from the single-process checkpoint the distributed run resumed
-    assert _without_times(saved["metrics"][:1]) == _without_times(runs["single"].metrics[:1])
+    assert without_wall_clock(saved["metrics"][:1]) == without_wall_clock(runs["single"].metrics[:1])
 
 
 def test_distributed_checkpoint_resumes_single_process_on_the_same_masks(runs):
     resumed = runs["resumed"]
     assert [m["phase"] for m in resumed.metrics] == ["dense", "regularize", "hard"]
     distributed_state = runs["states"][0]
-    assert _without_times(resumed.metrics[:2]) == _without_times(distributed_state["metrics"][:2])
+    assert without_wall_clock(resumed.metrics[:2]) == without_wall_clock(distributed_state["metrics"][:2])
     model, pruner = restore_model(load_checkpoint(resumed.output_dir))
     assert torch.equal(pruner.library, distributed_state["pruner"]["library"])
     modules = dict(model.named_modules())

@@ -22,7 +22,7 @@ from clicktrain_deploy.pruning.patterns import PATTERN_LIBRARIES
 from clicktrain_deploy.train import load_checkpoint, restore_model
 from clicktrain_deploy.train.trainer import make_scheduler
 
-from .conftest import small_recipe
+from .conftest import small_recipe, without_wall_clock
 
 # Channels go once every weight touching them is below 0.2: with a strong lasso this removes
 # channels within the first epochs of a 600-image run, which is what these tests need.
@@ -138,10 +138,6 @@ def test_admm_projections_land_exactly_on_the_sets():
         assert torch.equal(project_connectivity(y, block, 0.7), y)
 
 
-def _strip_times(metrics):
-    return [{k: v for k, v in m.items() if k not in ("epoch_seconds", "images_per_second")} for m in metrics]
-
-
 @pytest.fixture(scope="module")
 def prunetrain_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("prunetrain")
@@ -175,7 +171,7 @@ def test_prunetrain_resume_after_shrinking_matches(prunetrain_run):
     assert sum(len(c) for c in resumed_from.values()) < sum(widths.values())  # already shrunk
     checkpoints[-1].unlink()  # as if the run died after epoch 1
     resumed = train(parse_recipe(recipe), resume=True, progress=False)
-    assert _strip_times(resumed.metrics) == _strip_times(result.metrics)
+    assert without_wall_clock(resumed.metrics) == without_wall_clock(result.metrics)
     again = load_checkpoint(resumed.output_dir)
     for name, channels in final["pruner"]["channels"].items():
         assert torch.equal(again["pruner"]["channels"][name], channels), name
