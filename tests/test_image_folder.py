@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from clicktrain_deploy import parse_recipe, train
-from clicktrain_deploy.data import BatchIterator, FolderBatches, load_data
+from clicktrain_deploy.data import FolderBatches, load_data
 from clicktrain_deploy.data.folder import eval_transform, random_resized_crop_box
 from clicktrain_deploy.errors import DataError, RecipeError
 

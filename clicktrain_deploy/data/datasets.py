@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..registry import Registry
-from .folder import IMAGE_SUFFIXES, FolderSplit, channel_stats, list_folder
+from .folder import FolderSplit, channel_stats, list_folder
 
 DATASETS: Registry = Registry("dataset")
 
