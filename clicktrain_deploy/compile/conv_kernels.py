@@ -324,21 +324,9 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     if obt > 1 and not spec.full_dense:
         raise ValueError("out_tile > 1 needs a full-dense conv (one tap group, every entry)")
     obg = math.ceil(ocb / obt)  # output block groups; the last one is shifted back to end at OCB
-    out = f"{n_}, {ocb}, {oh}, {ow}, {lanes}"
-    params = [f"X: T.Buffer(({n_}, {icb}, {spec.height}, {spec.width}, {li}), 'float32')",
-              f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
-              f"coff: T.Buffer(({entries},), 'int32')",
-              f"wv: T.Buffer(({entries * taps * lanes},), 'float32')",
-              f"bias: T.Buffer(({ocb}, {lanes}), 'float32')"]
-    if spec.residual:
-        params.append(f"R: T.Buffer(({out}), 'float32')")
-    params.append(f"Y: T.Buffer(({out}), 'float32')")
-    lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
-             f"    Xf = T.decl_buffer(({n_ * icb * spec.height * spec.width * li},), 'float32', data=X.data)"]
-    source = "Xf"
-    if spec.padded:
-        lines += _scratch_copy(n_ * icb, spec.height, spec.width, li, spec.padding, ph, pw)
-        source = "Xp"
+    lines, source = _prologue(spec, name, icb, li, ocb, [f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
+                                                         f"coff: T.Buffer(({entries},), 'int32')",
+                                                         f"wv: T.Buffer(({entries * taps * lanes},), 'float32')"])
     block, band = spec.cache_blocks() if spec.full_dense else (spec.in_channels, 1)
     chunks, bands = math.ceil(spec.in_channels / block), math.ceil(row_tiles / band)
     lines += [
@@ -449,6 +437,24 @@ def depthwise_weights(weight: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, lanes, kh * kw).transpose(0, 2, 1))
 
 
+def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, weights: list[str]) -> tuple[list[str], str]:
+    """The PrimFunc's signature X, *weights, bias, [R], Y and its input view: a flat alias of X,
+    or the zero-padded scratch copy. Returns the lines and the buffer the taps read."""
+    (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
+    out = f"{spec.batch}, {out_blocks}, {oh}, {ow}, {spec.lanes}"
+    params = [f"X: T.Buffer(({spec.batch}, {in_blocks}, {spec.height}, {spec.width}, {in_lanes}), 'float32')",
+              *weights, f"bias: T.Buffer(({out_blocks}, {spec.lanes}), 'float32')"]
+    if spec.residual:
+        params.append(f"R: T.Buffer(({out}), 'float32')")
+    params.append(f"Y: T.Buffer(({out}), 'float32')")
+    size = spec.batch * in_blocks * spec.height * spec.width * in_lanes
+    lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
+             f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)"]
+    if not spec.padded:
+        return lines, "Xf"
+    return lines + _scratch_copy(spec.batch * in_blocks, spec.height, spec.width, in_lanes, spec.padding, ph, pw), "Xp"
+
+
 def depthwise_tvmscript(spec: DepthwiseSpec, name: str) -> str:
     """TVMScript of a depthwise conv: X (N, CB, H, W, L), w (CB, KH*KW, L), bias (CB, L), [R],
     Y (N, CB, OH, OW, L). Vector multiply-adds over the lanes, RY x XW register tiles."""
@@ -459,19 +465,7 @@ def depthwise_tvmscript(spec: DepthwiseSpec, name: str) -> str:
     ph, pw = spec.padded_hw
     xw, ry = spec.effective_tile()
     row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
-    out = f"{n_}, {cb}, {oh}, {ow}, {lanes}"
-    params = [f"X: T.Buffer(({n_}, {cb}, {spec.height}, {spec.width}, {lanes}), 'float32')",
-              f"w: T.Buffer(({cb}, {kh * kw}, {lanes}), 'float32')",
-              f"bias: T.Buffer(({cb}, {lanes}), 'float32')"]
-    if spec.residual:
-        params.append(f"R: T.Buffer(({out}), 'float32')")
-    params.append(f"Y: T.Buffer(({out}), 'float32')")
-    lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
-             f"    Xf = T.decl_buffer(({n_ * cb * spec.height * spec.width * lanes},), 'float32', data=X.data)"]
-    source = "Xf"
-    if spec.padded:
-        lines += _scratch_copy(n_ * cb, spec.height, spec.width, lanes, spec.padding, ph, pw)
-        source = "Xp"
+    lines, source = _prologue(spec, name, cb, lanes, cb, [f"w: T.Buffer(({cb}, {kh * kw}, {lanes}), 'float32')"])
     lines += [
         f"    for job in T.parallel({n_ * cb * row_tiles}):",
         f"        c: T.let = job // {row_tiles} % {cb}",
