@@ -55,3 +55,23 @@ WALL_CLOCK_METRICS = ("epoch_seconds", "images_per_second")
 def without_wall_clock(metrics: list[dict]) -> list[dict]:
     """Metrics rows without what measures time (a resumed or other-rank run differs only there)."""
     return [{k: v for k, v in m.items() if k not in WALL_CLOCK_METRICS} for m in metrics]
+
+
+def onnxruntime_and_torch(model, x):
+    """(onnxruntime's, torch's) logits of ``model`` exported by torch.onnx (TorchScript exporter,
+    opset 17) and run on ``x``: for tests that compare the two."""
+    import io
+    import warnings
+
+    import onnxruntime
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"])
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        return logits, model(x).numpy()

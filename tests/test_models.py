@@ -1,6 +1,4 @@
 import copy
-import io
-import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +7,8 @@ import torch
 from clicktrain_deploy.errors import PruningError
 from clicktrain_deploy.models import MODELS, create_model, default_config
 from clicktrain_deploy.pruning import ClickTrainPruner, PruneTrain, PruningConfig
+
+from .conftest import onnxruntime_and_torch
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -188,17 +188,7 @@ def test_prunetrain_removes_dead_channels_of_imagenet_models_without_changing_ou
 
 
 def _onnx_matches_torch(model: torch.nn.Module, x: torch.Tensor) -> None:
-    import onnxruntime
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"])
-    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        reference = model(x).numpy()
+    logits, reference = onnxruntime_and_torch(model, x)
     assert np.abs(reference).max() > 0.1  # a real comparison, not of ~0 logits
     np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4)
 

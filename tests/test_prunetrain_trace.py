@@ -8,12 +8,11 @@ another process from the node names alone.
 """
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
-import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from clicktrain_deploy.models.channels import trace_channel_graph
 from clicktrain_deploy.pruning import PruningConfig
 from clicktrain_deploy.pruning.prunetrain import PruneTrain
 
-from .conftest import REPO
+from .conftest import REPO, onnxruntime_and_torch
 
 CONFIG = PruningConfig(method="prunetrain")
 
@@ -252,17 +251,8 @@ def _kill_and_shrink(model: nn.Module, x: torch.Tensor) -> tuple[PruneTrain, tor
 
 
 def _onnx_matches(model: nn.Module, x: torch.Tensor) -> None:
-    import onnxruntime
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"])
-    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+    logits, reference = onnxruntime_and_torch(model, x)
+    np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("build", [StemResNet, TinyMobileSE, LinearSE,
