@@ -82,7 +82,8 @@ def test_ranks_end_with_identical_masks_weights_and_metrics(runs):
 def test_only_rank_0_wrote_files_and_its_checkpoint_is_the_ranks_state(runs):
     assert list((runs["base"] / "dist" / "rank1").iterdir()) == []  # resumed without the file
     run = runs["dist_run"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl", "sparsity.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "conv_selection.json", "data.json",
+                                                     "metrics.jsonl", "sparsity.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "epoch-0000.pt", "epoch-0001.pt", "epoch-0002.pt"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
