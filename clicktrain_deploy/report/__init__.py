@@ -33,10 +33,14 @@ def _targets(folder: RunFolder, state: dict | None) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def _why_dense(reason: str, kernel: str) -> str:
-    if kernel == "pointwise":
+def _why_dense(layer: dict) -> str:
+    """Why a conv of a compile manifest runs without the pattern kernel."""
+    reason, kernel, shape = layer["reason"], layer["kernel"], layer["shape"]
+    if kernel in ("depthwise", "tvm"):
+        return reason
+    if shape[2:] == [1, 1]:
         return "1x1 conv (shortcut projection): never pattern-pruned"
-    if reason == "no pattern metadata":
+    if reason.startswith("no pattern metadata"):
         return "not pattern-pruned in training (e.g. the stem conv, skip_first_conv)"
     if reason.startswith("measured"):
         return f"sparse kernel measured slower on this host: {reason}"
@@ -141,7 +145,7 @@ def build_context(run_dir: str | Path, targets: list[str] | None = None) -> dict
         for layer in manifest["layers"]:
             if layer["op"] == "conv" and layer["kernel"] not in SPARSE_KERNELS:
                 dense_layers.append({"target": target, "layer": layer["layer"], "shape": layer["shape"],
-                                     "kernel": layer["kernel"], "why": _why_dense(layer["reason"], layer["kernel"])})
+                                     "kernel": layer["kernel"], "why": _why_dense(layer)})
     context["dense_layers"] = dense_layers
     context["kernel_counts"] = {
         t: Counter(l["kernel"] for l in m["layers"] if l["op"] == "conv") for t, m in manifests.items()}
