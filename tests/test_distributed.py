@@ -169,11 +169,15 @@ def _collectives(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+def _on_two_ranks(worker) -> list:
+    """``worker(rank, port, results)`` in two spawned gloo processes; their results, by rank."""
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    return sorted(results.get() for _ in range(2))
+
+
 def test_collectives_average_broadcast_and_fail_loudly_on_every_rank():
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    mp.start_processes(_collectives, args=(_free_port(), results), nprocs=2, start_method="spawn")
-    rows = sorted(results.get() for _ in range(2))
+    rows = _on_two_ranks(_collectives)
     for rank, mismatch, scores, sums, value, broadcast_error, _ in rows:
         assert mismatch == "masks differ across ranks: rank(s) [1] disagree with rank 0", rank
         assert scores == [1.5, 4.0] and sums == (2.0, 1.0) and value == "from rank 0"
@@ -215,10 +219,7 @@ def _prunetrain_coefficient(rank: int, port: int, results) -> None:
 
 
 def test_prunetrain_ranks_fix_one_coefficient_from_the_global_loss_and_diverged_state_is_caught():
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    mp.start_processes(_prunetrain_coefficient, args=(_free_port(), results), nprocs=2, start_method="spawn")
-    (_, loss0, lasso0, c0, caught0), (_, loss1, lasso1, c1, caught1) = sorted(results.get() for _ in range(2))
+    (_, loss0, lasso0, c0, caught0), (_, loss1, lasso1, c1, caught1) = _on_two_ranks(_prunetrain_coefficient)
     assert loss0 != loss1 and lasso0 == lasso1  # the shards differ, the weights do not
     assert c0 == c1  # bit for bit
     ratio = PruningConfig().prunetrain.penalty_ratio

@@ -83,18 +83,13 @@ def _is_op(expr, name: str) -> bool:
 
 
 def _scalar(expr) -> float | None:
-    """A one-element float constant's value (or an immediate's), else None."""
+    """A one-element float constant's value, or an immediate's (a clip bound), else None."""
     if not isinstance(expr, tvm.ir.Constant):
         return None
     if isinstance(expr.value, (int, float)):  # IntImm / FloatImm (a PrimValue is one in 0.27)
         return float(expr.value)
     value = expr.value.numpy()
     return float(np.float32(value.reshape(-1)[0])) if value.size == 1 and value.dtype.kind == "f" else None
-
-
-def _bound(expr) -> float | None:
-    """A clip bound: an immediate, or a scalar constant."""
-    return _scalar(expr)
 
 
 Extract = Callable[[dict], "tuple | None"]
@@ -108,7 +103,7 @@ def _commutative(op: str, a: DFPattern, b: DFPattern) -> DFPattern:
 def _clip_forms(x: DFPattern) -> Iterator[tuple[DFPattern, Callable[[dict], tuple | None]]]:
     """clip(x, lo, hi) as the importer writes it: relax.clip, or maximum and/or minimum."""
     lo, hi = wildcard(), wildcard()
-    yield is_op("relax.clip")(x, lo, hi), lambda m: (_bound(m[lo]), _bound(m[hi]))
+    yield is_op("relax.clip")(x, lo, hi), lambda m: (_scalar(m[lo]), _scalar(m[hi]))
     a, b = is_const(), is_const()
     yield is_op("relax.minimum")(is_op("relax.maximum")(x, a), b), lambda m: (_scalar(m[a]), _scalar(m[b]))
     c, d = is_const(), is_const()
