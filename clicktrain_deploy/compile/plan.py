@@ -111,7 +111,7 @@ class ConvKernels:
         full_dense = len(groups) == 1 and bool((assign >= 0).all()) and layout.full_dense_tiles
         out_tile = layout.full_dense_out_tile if full_dense else 1
         tiles = layout.full_dense_tiles if full_dense else layout.dense_tiles
-        tile = layout.pattern_tile if kernel == "pattern" else choose_tile(*spec.out_hw, tiles)
+        tile = choose_tile(*spec.out_hw, layout.pattern_tiles if kernel == "pattern" else tiles)
         spec = _spec(layer, groups, 0, in_lanes, layout.lanes, tile)
         ptr, coff, wv = compact_weights(weight, assign, spec)
         return kernel, _spec(layer, groups, int(ptr[-1]), in_lanes, layout.lanes, tile, out_tile), [ptr, coff, wv]

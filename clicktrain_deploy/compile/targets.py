@@ -20,13 +20,14 @@ class Layout:
     """Activation layout NCHW[lanes]c and the register tiles of the kernels that use it.
 
     lanes: output channels per kernel block, a multiple of the SIMD width (16 on NEON is four
-    vectors per tap, so each broadcast input feeds four FMAs). pattern_tile: tile of the 4-tap
-    pattern kernels; dense_tiles: candidates for 9-tap and 1x1 kernels, the least waste wins.
+    vectors per tap, so each broadcast input feeds four FMAs). pattern_tiles: candidate tiles of the
+    4-tap pattern kernels, dense_tiles: of 9-tap and 1x1 kernels; per conv the tile that computes
+    the fewest padded pixels wins (the first on a tie), so 14x14 and 7x7 maps get 7-wide tiles.
     The tiles were chosen by measurement (benchmarks/compile_bar.py).
     """
 
     lanes: int
-    pattern_tile: Tile
+    pattern_tiles: tuple[Tile, ...]
     dense_tiles: tuple[Tile, ...]
     # convs with every (output block, input channel) entry: tiles over ``full_dense_out_tile``
     # output blocks, so one broadcast input feeds that many FMAs (empty: the dense tiles, 1 block)
@@ -79,7 +80,7 @@ FULL_DENSE_X86 = {16: (((8, 1), (7, 1)), 2), 8: (((4, 1),), 2)}
 
 def _x86_layout(lanes: int) -> Layout:
     tiles, out_tile = FULL_DENSE_X86.get(lanes, ((), 1))
-    return Layout(lanes, (4, 4), WIDE_TILES, tiles, out_tile)
+    return Layout(lanes, WIDE_TILES, WIDE_TILES, tiles, out_tile)
 
 
 @TARGETS.register("x86")
@@ -94,8 +95,10 @@ def x86() -> TargetSpec:
 
 # NEON has 32 128-bit registers: 16-channel blocks (4 vectors) with 2x2 tiles keep 16 accumulators,
 # leaving room for the 4 weight vectors and the broadcast inputs (2x3 tiles spill).
-NEON_DENSE = Layout(8, (2, 4), ((2, 4), (4, 2), (2, 3), (3, 2)))
-NEON_SPARSE = (Layout(16, (2, 2), ((2, 2), (2, 3), (4, 1))), NEON_DENSE, Layout(4, (4, 4), WIDE_TILES))
+NEON_TILES = ((2, 4), (4, 2), (2, 3), (3, 2))
+NEON_DENSE = Layout(8, NEON_TILES, NEON_TILES)
+NEON_SPARSE = (Layout(16, ((2, 2), (4, 1), (1, 4)), ((2, 2), (2, 3), (4, 1))), NEON_DENSE,
+               Layout(4, WIDE_TILES, WIDE_TILES))
 
 
 def _arm(name: str, cpu: str | None) -> TargetSpec:
@@ -124,7 +127,7 @@ def cortex_a76() -> TargetSpec:
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # A100; RTX 30xx/A10; RTX 40xx/L4; H100/H200
 # On a GPU, L is the conv's output-channel block and the tile is each thread's register tile
 # (1 column, PY rows): L x PY = 32 accumulators per thread. Activations are NCHW (see compile/cuda).
-CUDA_LAYOUTS = tuple(Layout(lanes, (1, 32 // lanes), ((1, 32 // lanes),)) for lanes in (16, 8, 4))
+CUDA_LAYOUTS = tuple(Layout(lanes, ((1, 32 // lanes),), ((1, 32 // lanes),)) for lanes in (16, 8, 4))
 
 
 def cuda_target(arch: str) -> TargetSpec:

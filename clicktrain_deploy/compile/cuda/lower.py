@@ -35,7 +35,7 @@ class CudaConvKernels(ConvKernels):
         base = _spec(layer, groups, 0, 1, layout.lanes, (1, 1))
         ptr, _, wv = compact_weights(weight, assign, base)
         per_block = np.diff(ptr[:: len(groups)]).max(initial=0)
-        rows = (layout.pattern_tile if kernel == "pattern" else layout.dense_tiles[0])[1]
+        rows = (layout.pattern_tiles[0] if kernel == "pattern" else layout.dense_tiles[0])[1]
         schedule = cuda_schedule(*base.out_hw, layer.stride, rows, int(per_block), tuple(layer.weight.shape[2:]),
                                  layer.dilation)
         fields = {k: getattr(base, k) for k in base.__dataclass_fields__ if k not in ("entries", "tile")}
