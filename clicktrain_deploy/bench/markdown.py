@@ -64,14 +64,16 @@ def layer_table(record: dict, threads: str) -> list[str]:
 
 def arm_table(record: dict) -> list[str]:
     arm, limit = record["arm"], record["flop_reduction_limit"]
-    ort = arm.get("onnxruntime")
-    ratio = arm["ours_dense"] / arm["ours_sparse"]
-    lines = [f"ARM ({arm['cpu']}, 1 thread, retired instructions per inference under qemu-user, deterministic):", "",
+    sparse, dense, ort = arm["ours_sparse"], arm.get("ours_dense"), arm.get("onnxruntime")
+    runs = arm.get("runs") or {}
+    counted = "; ".join(f"{name}: ({many} - {few}) / {many - few} runs" for name, (few, many) in runs.items())
+    lines = [f"ARM ({arm['cpu']}, 1 thread, retired instructions per inference under qemu-user, deterministic"
+             f"{f'; {counted}' if counted else ''}):", "",
              "| ours pattern-sparse | ours dense | onnxruntime-aarch64 | sparse vs dense | sparse vs ORT | "
              "FLOP-reduction limit | share of limit (vs ORT) |", "|---|---|---|---|---|---|---|"]
-    vs_ort = ort / arm["ours_sparse"] if ort else None
-    lines.append(f"| {arm['ours_sparse'] / 1e6:.2f} M | {arm['ours_dense'] / 1e6:.2f} M | "
-                 f"{f'{ort / 1e6:.2f} M' if ort else '-'} | {ratio:.2f}x | {_ratio(ort, arm['ours_sparse'])} | "
+    vs_ort = ort / sparse if ort else None
+    lines.append(f"| {sparse / 1e6:.2f} M | {f'{dense / 1e6:.2f} M' if dense else '-'} | "
+                 f"{f'{ort / 1e6:.2f} M' if ort else '-'} | {_ratio(dense, sparse)} | {_ratio(ort, sparse)} | "
                  f"{limit:.2f}x | {f'{100 * vs_ort / limit:.0f}%' if vs_ort else '-'} |")
     return lines
 
@@ -89,7 +91,7 @@ def to_markdown(record: dict, title: str = "") -> str:
              *whole_model_table(record), "",
              "Empty-call floor of each runtime (the same call path on a one-ReLU model; included, not "
              "subtracted, in every figure):", "", *floor_table(record)]
-    if record.get("arm", {}).get("ours_sparse") and record["arm"].get("ours_dense"):
+    if record.get("arm", {}).get("ours_sparse"):
         lines += ["", *arm_table(record)]
     for threads in record["timings"]:
         if not any(r.get("layers_us") for r in record["timings"][threads].values()):

@@ -95,8 +95,14 @@ def run_under_qemu(library: str | Path, inputs: np.ndarray, *, cpu: str = "corte
     return output, instructions
 
 
-def instructions_per_inference(library: str | Path, inputs: np.ndarray, cpu: str = "cortex-a72") -> int:
-    """Exact guest instructions of one inference: (count at 11 calls - count at 1 call) / 10."""
-    _, one = run_under_qemu(library, inputs, cpu=cpu, reps=1, count=True)
-    _, eleven = run_under_qemu(library, inputs, cpu=cpu, reps=11, count=True)
-    return (eleven - one) // 10
+def instructions_per_inference(library: str | Path, inputs: np.ndarray, cpu: str = "cortex-a72",
+                               runs: tuple[int, int] = (1, 11)) -> int:
+    """Exact guest instructions of one inference: (count at ``runs[1]`` calls - count at
+    ``runs[0]`` calls) / their difference, so start-up cancels (default (11 - 1) / 10; counts are
+    deterministic, so fewer runs suffice for large models)."""
+    few, many = runs
+    if not 0 < few < many:
+        raise ValueError(f"runs={runs}: need 0 < fewer < more")
+    _, low = run_under_qemu(library, inputs, cpu=cpu, reps=few, count=True)
+    _, high = run_under_qemu(library, inputs, cpu=cpu, reps=many, count=True)
+    return (high - low) // (many - few)
