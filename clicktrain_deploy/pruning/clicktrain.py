@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from .. import distributed
 from ..errors import PruningError
 from .config import PruningConfig
-from .masks import LayerMask, block_sum, group_lasso, select_layer_mask
+from .masks import (REMOVED, LayerMask, block_sum, group_lasso, group_tap_importance, removal_count,
+                    select_layer_mask)
 from .method import PRUNING_METHODS, EpochContext
-from .patterns import PATTERN_LIBRARIES, generate_library, validate_library
-from .report import SparsityReport, sparsity_report
+from .patterns import PATTERN_LIBRARIES, PATTERN_NONZEROS, generate_library, validate_library
+from .report import SparsityReport, counted_by_paper, sparsity_report
 
 AUTO_BLOCK_SIZES = (16, 8, 4, 2, 1)
 
@@ -109,8 +110,8 @@ def conv_selection(model: nn.Module, config: PruningConfig) -> list[ConvChoice]:
             reason = "stem (first conv) skipped: pruning.skip_first_conv"
         else:
             block, ratio = _block_and_ratio(name, module, config)
-            choices.append(ConvChoice(name, shape, True, f"3x3, block {block}, "
-                                                         f"ratio {ratio:g}"))
+            share = f"ratio {ratio:g}" if config.allocation == "uniform" else "ratio allocated globally"
+            choices.append(ConvChoice(name, shape, True, f"3x3, block {block}, {share}"))
             continue
         choices.append(ConvChoice(name, shape, False, reason))
     return choices
@@ -182,15 +183,79 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
     return {name: score.cpu() for name, score in importance.items()}
 
 
+def allocate_ratios(model: nn.Module, layers: list[PrunedLayer], importance: dict[str, Tensor],
+                    config: PruningConfig) -> dict[str, float]:
+    """Per-layer removal ratios that bring the convs the paper counts (``counted_by_paper``) to
+    ``config.target_compression``, from one ranking of kernel groups over all pruned layers.
+
+    A group's score is its importance divided by the mean group importance of its layer. Raw
+    importance differs between layers by orders of magnitude (depth, width, BatchNorm scale), so
+    a raw ranking would empty the small-scale layers; the relative score removes, in every layer,
+    the groups below one common share of their layer's average, so layers whose importance sits
+    in few groups give up more. Each layer removes between ``min_layer_ratio`` and
+    ``max_layer_ratio`` of its groups (``removal_count``); within those bounds the lowest-scored
+    groups go until the kept non-zeros (4 per kept kernel, the other counted convs' own) meet
+    the target: the first group count that reaches it. ``importance`` as ``estimate_importance``
+    returns it. Raises ``PruningError`` when the bounds cannot reach the target.
+    """
+    pruned = {layer.name for layer in layers}
+    convs = [(n, m.weight.detach()) for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and counted_by_paper(m.weight)]
+    total = sum(w.numel() for _, w in convs)
+    fixed = sum(int(w.ne(0).sum()) for n, w in convs if n not in pruned)
+    budget = total / config.target_compression - fixed  # non-zeros the pruned layers may keep
+    groups, floors, kept_at_floors, scores, costs, owners = [], [], 0.0, [], [], []
+    for index, layer in enumerate(layers):
+        group = group_tap_importance(importance[layer.name], layer.block_size).sum(-1).flatten()
+        lengths = block_sum(torch.ones(layer.module.out_channels, dtype=torch.float64), layer.block_size)
+        cost = (PATTERN_NONZEROS * lengths).repeat_interleave(layer.module.in_channels)
+        order = torch.argsort(group, stable=True)  # the order kept_groups removes in
+        score = group[order] / group.mean().clamp_min(torch.finfo(torch.float64).tiny)
+        low = removal_count(len(group), config.min_layer_ratio)
+        high = max(low, removal_count(len(group), config.max_layer_ratio))
+        groups.append(len(group))
+        floors.append(low)
+        kept_at_floors += float(cost[order[low:]].sum())
+        scores.append(score[low:high])
+        costs.append(cost[order[low:high]])
+        owners.append(torch.full((high - low,), index))
+    ranking = torch.argsort(torch.cat(scores), stable=True)
+    # kept[r]: non-zeros the pruned layers keep once the r lowest-ranked candidates are removed
+    kept = kept_at_floors - torch.cat([torch.zeros(1, dtype=torch.float64),
+                                       torch.cat(costs)[ranking].cumsum(0)])
+    if not kept[-1] <= budget < kept[0]:
+        raise PruningError(
+            f"pruning.target_compression {config.target_compression:g}x is out of reach: with "
+            f"min_layer_ratio {config.min_layer_ratio:g} and max_layer_ratio "
+            f"{config.max_layer_ratio:g}, allocation gives {total / (fixed + float(kept[0])):.2f}x "
+            f"to {total / (fixed + float(kept[-1])):.2f}x")
+    removed = int(torch.nonzero(kept <= budget)[0])
+    extra = torch.bincount(torch.cat(owners)[ranking[:removed]], minlength=len(layers))
+    return {layer.name: (floors[i] + int(extra[i])) / groups[i] for i, layer in enumerate(layers)}
+
+
+def lasso_coefficient(config: PruningConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The group-lasso coefficient at ``step`` (0-based) of ``epoch``: ``lasso``, or with the
+    "ramp" schedule lasso * (k + 1) / K at step k of the K steps of the lasso phase, so the pull
+    starts near 0 while the weights to be removed still carry accuracy and reaches ``lasso`` at
+    the phase's last step."""
+    if config.lasso_schedule == "constant":
+        return config.lasso
+    phase_steps = (config.hard_prune_epoch - config.select_epoch) * steps_per_epoch
+    done = (epoch - config.select_epoch) * steps_per_epoch + step
+    return config.lasso * min(1.0, (done + 1) / phase_steps)
+
+
 @PRUNING_METHODS.register("clicktrain")
 class ClickTrainPruner:
-    """Selects masks once, regularizes toward them, then keeps weights on them.
+    """Selects masks, regularizes toward them, then keeps weights on them.
 
-    Usage by a training loop: ``select`` at the start of ``config.select_epoch``; add
-    ``penalty()`` to the loss while ``phase(epoch) == "regularize"``; ``harden(optimizer)`` at the
-    start of ``config.hard_prune_epoch`` and ``enforce(optimizer)`` after every step from then on.
-    The ``PruningMethod`` hooks (``begin_epoch``, ``penalty_term``, ``after_step``) do exactly this
-    for the trainer.
+    Usage by a training loop: ``select`` at the start of ``config.select_epoch`` (and, with
+    ``reselect_every``, ``reselect`` every that many lasso epochs); add ``penalty()`` to the loss
+    while ``phase(epoch) == "regularize"``; ``harden(optimizer)`` at the start of
+    ``config.hard_prune_epoch`` and ``enforce(optimizer)`` after every step from then on. The
+    ``PruningMethod`` hooks (``begin_epoch``, ``penalty_term``, ``after_step``) do exactly this
+    for the trainer, and ``epoch_metrics`` says what the accuracy levers did.
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
@@ -202,6 +267,11 @@ class ClickTrainPruner:
         self.hard = False
         self._mask_tensors: dict[str, Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # Where the next step is (begin_epoch sets it, after_step counts) for the lasso schedule;
+        # this epoch's last coefficient and re-selection, for its metrics line.
+        self._epoch, self._step, self._steps_per_epoch = config.select_epoch, 0, 1
+        self._coefficient = 0.0
+        self._reselected: int | None = None
 
     @property
     def selected(self) -> bool:
@@ -215,11 +285,30 @@ class ClickTrainPruner:
 
     def select(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-        """Estimate importance over ``batches``, build or take the library, choose every mask."""
+        """Estimate importance over ``batches``, build or take the library, allocate the
+        per-layer ratios (``allocation``), choose every mask."""
         importance = estimate_importance(model, self.layers, batches, loss_fn)
         library = self.choose_library(importance)
-        self.assign(library, {l.name: select_layer_mask(importance[l.name], library, l.block_size, l.ratio)
-                              for l in self.layers})
+        ratios = (allocate_ratios(model, self.layers, importance, self.config)
+                  if self.config.allocation == "global" else {l.name: l.ratio for l in self.layers})
+        self.assign(library, {l.name: select_layer_mask(importance[l.name], library, l.block_size,
+                                                        ratios[l.name]) for l in self.layers})
+
+    def reselect(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor]) -> int:
+        """``select`` again on the current weights (before the hard prune: the weights the lasso
+        pulls may still be chosen back); returns how many kernel groups changed, i.e. keep other
+        taps (another pattern, or removed where kept or the reverse)."""
+        before = self._group_taps()
+        self.select(model, batches, loss_fn)
+        after = self._group_taps()
+        return sum(int((before[name] != after[name]).any(-1).sum()) for name in after)
+
+    def reselects_at(self, epoch: int) -> bool:
+        """Whether ``epoch`` starts with a re-selection: every ``reselect_every`` epochs after
+        ``select_epoch``, before ``hard_prune_epoch``."""
+        every, start = self.config.reselect_every, self.config.select_epoch
+        return bool(every) and start < epoch < self.config.hard_prune_epoch and (epoch - start) % every == 0
 
     def choose_library(self, importance: dict[str, Tensor]) -> Tensor:
         """The configured fixed library, or one generated from per-weight ``importance``
@@ -239,10 +328,12 @@ class ClickTrainPruner:
         self._cache_masks()
 
     def penalty(self) -> Tensor:
-        """lasso * group lasso of every weight the masks will remove (a scalar with grad)."""
+        """This step's ``lasso_coefficient`` * group lasso of every weight the masks will remove
+        (a scalar with grad)."""
         total = sum(group_lasso(l.module.weight, 1.0 - self._mask_tensors[l.name], l.block_size)
                     for l in self.layers)
-        return self.config.lasso * total
+        self._coefficient = lasso_coefficient(self.config, self._epoch, self._step, self._steps_per_epoch)
+        return self._coefficient * total
 
     @torch.no_grad()
     def harden(self, optimizer: torch.optim.Optimizer) -> None:
@@ -263,10 +354,16 @@ class ClickTrainPruner:
                     value.mul_(mask)
 
     def begin_epoch(self, context: EpochContext) -> None:
-        """Select at the first non-dense epoch, harden at the first hard one."""
+        """Select at the first non-dense epoch, re-select where ``reselects_at``, harden at the
+        first hard one."""
         phase = self.phase(context.epoch)
+        self._epoch, self._step, self._steps_per_epoch = context.epoch, 0, context.steps_per_epoch
+        self._coefficient, self._reselected = 0.0, None
+        batches = self.config.importance_batches
         if phase != "dense" and not self.selected:
-            self.select(context.model, context.batches(self.config.importance_batches), context.loss_fn)
+            self.select(context.model, context.batches(batches), context.loss_fn)
+        elif self.reselects_at(context.epoch):
+            self._reselected = self.reselect(context.model, context.batches(batches), context.loss_fn)
         if phase == "hard" and not self.hard:
             self.harden(context.optimizer)
 
@@ -274,11 +371,27 @@ class ClickTrainPruner:
         return self.penalty() if phase == "regularize" else None
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._step += 1
         if self.hard:
             self.enforce(optimizer)
 
     def end_epoch(self, context: EpochContext) -> None:
         pass
+
+    def epoch_metrics(self) -> dict:
+        """What the accuracy levers did this epoch, for its metrics line: the allocation and the
+        share of kernel groups each layer removes (empty before selection), the lasso schedule and
+        its last coefficient (0 outside the lasso phase), and how many groups this epoch's
+        re-selection changed (None: none ran)."""
+        c = self.config
+        return {
+            "allocation": c.allocation,
+            "target_compression": c.target_compression if c.allocation == "global" else None,
+            "layer_ratios": {name: float((m.pattern_ids == REMOVED).double().mean())
+                             for name, m in self.masks.items()},
+            "lasso_schedule": c.lasso_schedule, "lasso_coefficient": self._coefficient,
+            "reselect_every": c.reselect_every, "reselection_changed_groups": self._reselected,
+        }
 
     def report(self, model: nn.Module) -> SparsityReport:
         return sparsity_report(model, self.masks, self.library)
@@ -313,6 +426,12 @@ class ClickTrainPruner:
         assert self.library is not None
         device = self.layers[0].module.weight.device
         self._mask_tensors = {name: m.dense(self.library).to(device) for name, m in self.masks.items()}
+
+    def _group_taps(self) -> dict[str, Tensor]:
+        """The taps every kernel group keeps: bool (G_out, C_in, 9) per layer, none if removed."""
+        assert self.library is not None
+        return {name: self.library[m.pattern_ids.clamp_min(0)] & (m.pattern_ids != REMOVED)[..., None]
+                for name, m in self.masks.items()}
 
     def _register_gradient_masks(self) -> None:
         for layer in self.layers:

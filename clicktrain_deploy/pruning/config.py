@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .patterns import PATTERN_LIBRARIES
 
@@ -33,12 +33,18 @@ class AdmmConfig(BaseModel):
     update_interval: int = Field(50, ge=1)
 
 
+# ClickTrain's accuracy levers: (field, value that leaves training as it was).
+CLICKTRAIN_LEVERS = {"allocation": "uniform", "distill_alpha": 0.0, "reselect_every": 0,
+                     "lasso_schedule": "constant"}
+
+
 class PruningConfig(BaseModel):
     """What to prune, how hard, and when (epochs count from 0).
 
     Phases: dense warm-up until ``select_epoch``; at its start, importance is estimated and the
     masks chosen; group lasso (``lasso``) pulls the weights to be removed toward zero until
     ``hard_prune_epoch``; from then on the masks are enforced after every optimizer step.
+    The accuracy levers (``CLICKTRAIN_LEVERS``) are ClickTrain's and off by default.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +59,14 @@ class PruningConfig(BaseModel):
     # How hard: share of kernel groups removed per layer, layer-wide ranking.
     connectivity_ratio: float = Field(0.72, ge=0.0, lt=1.0)
     layer_ratios: dict[str, float] = {}
+    # "global": per-layer ratios from one ranking of kernel groups over all pruned layers (each
+    # group's importance relative to its layer's mean) until the convs the paper counts reach
+    # target_compression, each layer removing between min_layer_ratio and max_layer_ratio of its
+    # groups; connectivity_ratio and layer_ratios are then unused.
+    allocation: Literal["uniform", "global"] = "uniform"
+    target_compression: float = Field(8.0, gt=1.0)
+    min_layer_ratio: float = Field(0.3, ge=0.0, lt=1.0)
+    max_layer_ratio: float = Field(0.9, ge=0.0, lt=1.0)
     # Output-channel block size B (kernels of one block share pattern and connectivity);
     # "auto" = 16 where it divides C_out, else the largest of 8, 4, 2, 1 that does.
     block_size: int | Literal["auto"] = "auto"
@@ -67,6 +81,14 @@ class PruningConfig(BaseModel):
     hard_prune_epoch: int = Field(3, ge=0)
     importance_batches: int = Field(8, ge=1)
     lasso: float = Field(1e-2, ge=0.0)
+    # "ramp": the lasso coefficient grows linearly from 0 to lasso over the lasso phase.
+    lasso_schedule: Literal["constant", "ramp"] = "constant"
+    # Re-select patterns and connectivity every this many epochs of the lasso phase (0 = never).
+    reselect_every: int = Field(0, ge=0)
+    # Distillation from the model at selection (end of the dense warm-up) in the lasso and hard
+    # phases: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student) at temperature T.
+    distill_alpha: float = Field(0.0, ge=0.0, le=1.0)
+    distill_temperature: float = Field(4.0, gt=0.0)
     # Mixup (alpha) in the hard-pruning phase, as the authors' code does; 0 = off.
     mixup_alpha: float = Field(0.0, ge=0.0)
     # Method-specific settings ([pruning.prunetrain], [pruning.admm]).
@@ -103,3 +125,22 @@ class PruningConfig(BaseModel):
         if bad:
             raise ValueError(f"block sizes must be >= 1, got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _levers_fit(self) -> "PruningConfig":
+        if self.method != "clicktrain":
+            used = [f for f, off in CLICKTRAIN_LEVERS.items() if getattr(self, f) != off]
+            if used:
+                raise ValueError(f"pruning.{used[0]} is a ClickTrain lever; method "
+                                 f"{self.method!r} does not use it")
+        if self.allocation == "global" and self.layer_ratios:
+            raise ValueError("pruning.layer_ratios sets ratios by hand, allocation 'global' "
+                             "chooses them: give one or the other")
+        if self.min_layer_ratio > self.max_layer_ratio:
+            raise ValueError(f"pruning.min_layer_ratio ({self.min_layer_ratio}) must be <= "
+                             f"max_layer_ratio ({self.max_layer_ratio})")
+        if self.reselect_every and self.select_epoch + self.reselect_every >= self.hard_prune_epoch:
+            raise ValueError(f"pruning.reselect_every ({self.reselect_every}) re-selects at "
+                             f"select_epoch + {self.reselect_every}, which must be before "
+                             f"hard_prune_epoch ({self.hard_prune_epoch})")
+        return self

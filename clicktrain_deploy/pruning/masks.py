@@ -78,11 +78,17 @@ def select_layer_mask(importance: Tensor, library: Tensor, block_size: int, rati
     the block's summed importance; the ``ratio`` share of groups with the least total importance,
     ranked layer-wide, is removed (ties broken by position, so the choice is deterministic).
     """
-    out_channels, in_channels = importance.shape[:2]
-    group = block_sum(importance.reshape(out_channels, in_channels, TAPS).double(), block_size)
+    group = group_tap_importance(importance, block_size)
     pattern_ids = (group @ library.double().T).argmax(-1)  # (G_out, C_in)
     pattern_ids[~kept_groups(group.sum(-1), ratio)] = REMOVED
-    return LayerMask(out_channels, block_size, pattern_ids)
+    return LayerMask(importance.shape[0], block_size, pattern_ids)
+
+
+def group_tap_importance(importance: Tensor, block_size: int) -> Tensor:
+    """Importance per (block, input channel) group and tap: float (C_out, C_in, 3, 3) ->
+    float64 (G_out, C_in, 9); ``.sum(-1)`` is what connectivity ranks."""
+    out_channels, in_channels = importance.shape[:2]
+    return block_sum(importance.reshape(out_channels, in_channels, TAPS).double(), block_size)
 
 
 def kept_groups(group_importance: Tensor, ratio: float) -> Tensor:

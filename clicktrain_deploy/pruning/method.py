@@ -25,11 +25,13 @@ class EpochContext:
     """What a method may use at an epoch boundary.
 
     batches(limit): the epoch's training batches, (N, C, H, W) float images and (N,) int64 labels,
-    at most ``limit`` of them; loss_fn(logits (N, classes), labels (N,)) -> scalar.
+    at most ``limit`` of them; loss_fn(logits (N, classes), labels (N,)) -> scalar;
+    steps_per_epoch: optimizer steps in every epoch.
     """
 
     epoch: int
     epochs: int
+    steps_per_epoch: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
     batches: Callable[[int | None], Iterable[tuple[Tensor, Tensor]]]
@@ -42,7 +44,9 @@ class PruningMethod(Protocol):
 
     ``load_state_dict`` runs before the model's weights are loaded, so a method that changes the
     model's shapes (PruneTrain) rebuilds them first. ``masks``/``library`` describe pattern-pruned
-    convs for export (empty/None when the method leaves no patterns).
+    convs for export (empty/None when the method leaves no patterns). A method may also have
+    ``epoch_metrics() -> dict``, merged into every epoch's metrics line (ClickTrain: what its
+    accuracy levers did).
     """
 
     masks: dict[str, LayerMask]

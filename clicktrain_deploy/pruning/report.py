@@ -67,6 +67,11 @@ def layer_report(name: str, weight: torch.Tensor, mask: contract.LayerMask, libr
                        int(weight.flatten(2).ne(0).any(-1).sum()), histogram)
 
 
+def counted_by_paper(weight: torch.Tensor) -> bool:
+    """Whether the paper's conv compression counts this conv weight: every conv but 1x1 ones."""
+    return tuple(weight.shape[2:]) != (1, 1)
+
+
 def build_report(layers: list[LayerReport], convs: list[torch.Tensor], parameters: list[torch.Tensor],
                  library) -> SparsityReport:
     """Whole-model figures from pruned-layer reports, every conv weight and every parameter."""
@@ -75,7 +80,7 @@ def build_report(layers: list[LayerReport], convs: list[torch.Tensor], parameter
 
     compression = {
         "pruned_layers": _ratio(sum(l.weights for l in layers), sum(l.nonzeros for l in layers)),
-        "paper_convs": _ratio(*count([w for w in convs if tuple(w.shape[2:]) != (1, 1)])),
+        "paper_convs": _ratio(*count([w for w in convs if counted_by_paper(w)])),
         "all_convs": _ratio(*count(convs)),
         "all_weights": _ratio(*count(parameters)),
     }

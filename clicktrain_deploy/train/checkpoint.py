@@ -2,7 +2,8 @@
 
 A checkpoint holds everything to continue bit-for-bit: model, optimizer, LR scheduler, pruning
 method state (ClickTrain: library, masks, phase; PruneTrain: live channels, lasso coefficient;
-ADMM: its variables), torch's RNG state, the recipe and the metrics so far.
+ADMM: its variables), the distillation teacher's weights (None without distillation), torch's
+RNG state, the recipe and the metrics so far.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The training loop, resumable per epoch; the pruning method's hooks run at fixed points of it."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -15,7 +16,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import Recipe
+from ..config import Recipe, parse_recipe
 from ..data import BatchIterator, ImageData, load_data, make_batches
 from ..errors import CheckpointError, RecipeError
 from ..fileio import atomic_write_json, atomic_write_text
@@ -108,15 +109,37 @@ def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, pruner: Pruni
     return 0.0 if penalty is None else float(penalty.detach())
 
 
+def distillation_loss(loss: Tensor, logits: Tensor, teacher_logits: Tensor, alpha: float,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+    """(1 - alpha) * loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)), and
+    the T^2 * KL term (batch mean). T^2 keeps the soft term's gradients on the scale of the hard
+    one's whatever T (Hinton et al.). logits, teacher_logits: (N, classes), the same inputs."""
+    t = temperature
+    kl = nn.functional.kl_div(nn.functional.log_softmax(logits / t, 1),
+                              nn.functional.log_softmax(teacher_logits / t, 1),
+                              log_target=True, reduction="batchmean") * t * t
+    return (1 - alpha) * loss + alpha * kl, kl
+
+
+def snapshot_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` to distil from: eval mode, no gradients; under torch.distributed
+    each rank holds its own, identical since the weights and BN statistics are."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches) -> None:
     """Recompute BatchNorm running statistics as plain averages over ``batches``.
 
     Running statistics only serve evaluation, so this leaves training untouched; it matters after
     the hard prune, when the exponential averages still remember the unpruned activations.
+    Momentum and train/eval mode are restored afterwards.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
+    was_training = model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
@@ -125,6 +148,7 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
         model(inputs)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
+    model.train(was_training)
 
 
 def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Generator,
@@ -139,7 +163,8 @@ def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
     ignored = {"output_dir", "keep_checkpoints", "schedule.threads", "data.workers"}
     if recipe.pruning.method == "dense" == saved["recipe"]["pruning"]["method"]:
         ignored |= {f"pruning.{key}" for key in recipe.pruning.model_fields}
-    current, before = recipe.model_dump(exclude={"deploy"}), saved["recipe"]  # deploy: after training
+    # deploy: after training; parsing the saved recipe gives fields it predates their defaults
+    current, before = recipe.model_dump(exclude={"deploy"}), parse_recipe(saved["recipe"], path).model_dump()
     diffs = []
     for key, value in current.items():
         if isinstance(value, dict):
@@ -181,6 +206,7 @@ class _Run:
                                          weight_decay=s.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, recipe, len(self.train_batches))
         self.pruner = create_method(self.model, recipe.pruning)
+        self.teacher: nn.Module | None = None  # distillation: the model at the end of the dense phase
         self.metrics: list[dict] = []
         self.start_epoch = 0
 
@@ -193,6 +219,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "pruner": self.pruner.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "base_shrink": self.base_shrink,
             "rng": torch.get_rng_state(),
             "metrics": self.metrics,
@@ -201,6 +228,9 @@ class _Run:
     def restore(self, saved: dict) -> None:
         self.pruner.load_state_dict(saved["pruner"])  # first: it may shrink the model (PruneTrain)
         self.model.load_state_dict(saved["model"])
+        if saved.get("teacher") is not None:
+            self.teacher = snapshot_teacher(self.model)
+            self.teacher.load_state_dict(saved["teacher"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -211,33 +241,41 @@ class _Run:
         return self.pruner.report(self.model)
 
     def context(self, epoch: int) -> EpochContext:
-        return EpochContext(epoch, self.recipe.schedule.epochs, self.model, self.optimizer,
-                            lambda limit: self.train_batches.epoch(epoch, limit=limit),
+        return EpochContext(epoch, self.recipe.schedule.epochs, len(self.train_batches), self.model,
+                            self.optimizer, lambda limit: self.train_batches.epoch(epoch, limit=limit),
                             nn.functional.cross_entropy)
 
     def train_epoch(self, epoch: int, progress: Progress, task) -> dict:
-        recipe, pruner = self.recipe, self.pruner
+        recipe, pruner, p = self.recipe, self.pruner, self.recipe.pruning
         phase = pruner.phase(epoch)
         pruner.begin_epoch(self.context(epoch))
         self.net = distributed.wrap(self.model)  # again: a method may have reshaped the model
-        mixup = phase == "hard" and recipe.pruning.mixup_alpha > 0
+        if p.distill_alpha and phase != "dense" and self.teacher is None:
+            self.teacher = snapshot_teacher(self.model)
+        mixup = phase == "hard" and p.mixup_alpha > 0
         generator = torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
         rng = np.random.RandomState(recipe.seed * 7_919 + epoch)
         sparsity = 1.0 - 1.0 / self.report().compression["paper_convs"]
         flops_per_image = TRAINING_PASSES * forward_flops(self.model, self.data_info["input_shape"])
         self.model.train()
-        loss_sum, penalty_sum, correct, count = 0.0, 0.0, 0, 0
+        loss_sum, penalty_sum, distill_sum, correct, count = 0.0, 0.0, 0.0, 0, 0
         progress.reset(task, total=len(self.train_batches), description=f"epoch {epoch} {phase}")
         started = time.perf_counter()
         for inputs, labels in self.train_batches.epoch(epoch):
             if mixup:
-                mixed, other, lam = _mixup(inputs, labels, recipe.pruning.mixup_alpha, generator, rng)
-                logits = self.net(mixed)
+                inputs, other, lam = _mixup(inputs, labels, p.mixup_alpha, generator, rng)
+                logits = self.net(inputs)
                 loss = (lam * nn.functional.cross_entropy(logits, labels)
                         + (1 - lam) * nn.functional.cross_entropy(logits, other))
             else:
                 logits = self.net(inputs)
                 loss = nn.functional.cross_entropy(logits, labels)
+            if self.teacher is not None:  # it sees what the student saw, mixed or not
+                with torch.no_grad():
+                    teacher_logits = self.teacher(inputs)
+                loss, kl = distillation_loss(loss, logits, teacher_logits, p.distill_alpha,
+                                             p.distill_temperature)
+                distill_sum += float(kl.detach()) * len(labels)
             penalty_sum += optimizer_step(loss, self.optimizer, pruner, phase) * len(labels)
             self.scheduler.step()
             loss_sum += float(loss.detach()) * len(labels)
@@ -250,8 +288,8 @@ class _Run:
         train_seconds = time.perf_counter() - started
         skipped = getattr(self.train_batches, "skipped", None)  # image folders' unreadable files
         skipped_train = skipped.count if skipped else 0
-        loss_sum, penalty_sum, correct, count = distributed.all_reduce_sums(
-            loss_sum, penalty_sum, correct, count)
+        loss_sum, penalty_sum, distill_sum, correct, count = distributed.all_reduce_sums(
+            loss_sum, penalty_sum, distill_sum, correct, count)
         pruner.end_epoch(self.context(epoch))
         if recipe.schedule.bn_recalibration_batches:
             recalibrate_batchnorm(self.model, self.train_batches.epoch(
@@ -262,6 +300,7 @@ class _Run:
         skipped_train, skipped_test = distributed.all_reduce_sums(
             skipped_train, skipped.count if skipped else 0)
         report = self.report()
+        levers = getattr(pruner, "epoch_metrics", None)  # ClickTrain's accuracy levers
         return {
             "epoch": epoch, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
             "train_loss": loss_sum / count, "train_accuracy": 100 * correct / count,
@@ -271,6 +310,10 @@ class _Run:
             "epoch_seconds": train_seconds, "train_flops": flops_per_image * count,
             "images_per_second": count / train_seconds if train_seconds else 0.0,
             "skipped_train_images": int(skipped_train), "skipped_test_images": int(skipped_test),
+            "distill_alpha": p.distill_alpha, "distill_temperature": p.distill_temperature,
+            "distill_loss": distill_sum / count,
+            "bn_recalibration_batches": recipe.schedule.bn_recalibration_batches,
+            **(levers() if levers else {}),
         }
 
 

@@ -1,0 +1,217 @@
+"""ClickTrain's accuracy levers (issue #15) on ResNet-20 and real Fashion-MNIST images: global
+per-layer allocation, distillation from the dense warm-up model, re-selection during the lasso
+phase, the lasso ramp, BatchNorm recalibration; their recipe fields and metrics."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from clicktrain_deploy import parse_recipe, train
+from clicktrain_deploy.data import BatchIterator
+from clicktrain_deploy.errors import PruningError, RecipeError
+from clicktrain_deploy.models import create_model
+from clicktrain_deploy.pruning import ClickTrainPruner, EpochContext, PruningConfig, sparsity_report
+from clicktrain_deploy.pruning.clicktrain import estimate_importance, lasso_coefficient
+from clicktrain_deploy.pruning.masks import REMOVED, group_lasso, group_tap_importance
+from clicktrain_deploy.train import load_checkpoint
+from clicktrain_deploy.train.trainer import distillation_loss, recalibrate_batchnorm, snapshot_teacher
+
+from .conftest import small_recipe, without_wall_clock
+
+LOSS = nn.functional.cross_entropy
+
+
+@pytest.fixture(scope="module")
+def images(fmnist):
+    """Three batches of 32 real training images (normalised, not augmented)."""
+    torch.set_num_threads(2)
+    return list(BatchIterator(fmnist.train, 32, fmnist.mean, fmnist.std, train=False).epoch(0, limit=3))
+
+
+def _context(model, optimizer, images, epoch: int, steps: int) -> EpochContext:
+    return EpochContext(epoch, 4, steps, model, optimizer, lambda limit: images[:limit], LOSS)
+
+
+def test_global_allocation_meets_the_target_and_ranks_groups_across_layers(images):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1)
+    config = PruningConfig(allocation="global", target_compression=8.0, min_layer_ratio=0.3,
+                           max_layer_ratio=0.9, block_size=4, importance_batches=2)
+    pruner = ClickTrainPruner(model, config)
+    pruner.select(model, images[:2], LOSS)
+    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
+    achieved = sparsity_report(model, pruner.masks, pruner.library).compression["paper_convs"]
+    assert 8.0 <= achieved < 8.0 * 1.02
+    ratios = pruner.epoch_metrics()["layer_ratios"]
+    assert len(ratios) == 18 and len(set(ratios.values())) > 5
+    assert all(0.3 <= r <= 0.9 for r in ratios.values())
+    # one ranking: a layer not at its floor removes nothing scored above what a layer not at its
+    # ceiling keeps, scores being importance relative to the layer's mean
+    importance = estimate_importance(model.train(), pruner.layers, images[:2], LOSS)
+    removed_max, kept_min = 0.0, float("inf")
+    for layer in pruner.layers:
+        group = group_tap_importance(importance[layer.name], layer.block_size).sum(-1)
+        score = group / group.mean()
+        gone = pruner.masks[layer.name].pattern_ids == REMOVED
+        if ratios[layer.name] > 0.3 + 1 / gone.numel():
+            removed_max = max(removed_max, float(score[gone].max()))
+        if ratios[layer.name] < 0.9 - 1 / gone.numel():
+            kept_min = min(kept_min, float(score[~gone].min()))
+    assert removed_max <= kept_min
+    with pytest.raises(PruningError, match="target_compression 30x is out of reach"):
+        ClickTrainPruner(model, config.model_copy(update={"target_compression": 30.0})).select(
+            model, images[:1], LOSS)
+
+
+def test_distillation_term_is_zero_at_alpha_0_and_changes_the_gradient(images):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1)
+    teacher = snapshot_teacher(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    inputs, labels = images[0]
+    with torch.no_grad():
+        soft = teacher(inputs)  # eval-mode BN: not the train-mode student's logits
+
+    def gradient(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        logits = model(inputs)
+        loss, kl = distillation_loss(LOSS(logits, labels), logits, soft, alpha, 4.0)
+        loss.backward()
+        return model.layers[1][0].conv1.weight.grad.clone(), kl.detach()
+
+    plain = gradient(0.0)[0]
+    model.zero_grad()
+    LOSS(model(inputs), labels).backward()
+    assert torch.equal(plain, model.layers[1][0].conv1.weight.grad)
+    distilled, kl = gradient(0.5)
+    assert not torch.allclose(distilled, plain, rtol=1e-3, atol=0)
+    with torch.no_grad():
+        student = model(inputs)
+        p_t = torch.softmax(soft / 4, 1)
+        expected = 16 * (p_t * (p_t.log() - torch.log_softmax(student / 4, 1))).sum(1).mean()
+    torch.testing.assert_close(kl, expected)
+    assert float(kl) > 0
+    same = distillation_loss(torch.tensor(1.0), soft, soft, 0.5, 4.0)[1]
+    assert abs(float(same)) < 1e-6  # a student that matches its teacher pays nothing
+
+
+def test_reselection_follows_the_weights(images):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1)
+    config = PruningConfig(block_size=4, connectivity_ratio=0.7, select_epoch=1, hard_prune_epoch=5,
+                           reselect_every=2)
+    pruner = ClickTrainPruner(model, config)
+    assert [e for e in range(6) if pruner.reselects_at(e)] == [3]
+    pruner.select(model, images[:2], LOSS)
+    assert pruner.reselect(model, images[:2], LOSS) == 0  # same weights, same batches
+    layer = pruner.layers[4]
+    before = pruner.masks[layer.name].pattern_ids.clone()
+    kept = before != REMOVED
+    with torch.no_grad():  # the kept groups lose all their weight: the choice must move
+        kept_kernels = pruner._mask_tensors[layer.name].sum((2, 3), keepdim=True) > 0
+        layer.module.weight.mul_(~kept_kernels)
+    changed = pruner.reselect(model, images[:2], LOSS)
+    after = pruner.masks[layer.name].pattern_ids
+    assert not (after[kept] != REMOVED).any()  # every zeroed group is now removed
+    assert changed >= 2 * int(kept.sum())  # those, and as many groups brought back
+
+
+def test_lasso_ramp_grows_linearly_over_the_lasso_phase(images):
+    config = PruningConfig(lasso=0.02, lasso_schedule="ramp", select_epoch=1, hard_prune_epoch=3)
+    values = [lasso_coefficient(config, epoch, step, 4) for epoch in (1, 2) for step in range(4)]
+    assert values == pytest.approx([0.02 * k / 8 for k in range(1, 9)])
+    constant = config.model_copy(update={"lasso_schedule": "constant"})
+    assert {lasso_coefficient(constant, e, s, 4) for e in (1, 2) for s in range(4)} == {0.02}
+    # through the trainer's hooks: each step's penalty is its coefficient times the group lasso
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1)
+    pruner = ClickTrainPruner(model, config.model_copy(update={"block_size": 4, "importance_batches": 1}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = []
+    for epoch in (1, 2):
+        pruner.begin_epoch(_context(model, optimizer, images, epoch, steps=4))
+        for _ in range(4):
+            total = sum(group_lasso(l.module.weight, 1 - pruner._mask_tensors[l.name], l.block_size)
+                        for l in pruner.layers)
+            seen.append(float(pruner.penalty_term(torch.tensor(0.0), "regularize").detach() / total.detach()))
+            pruner.after_step(optimizer)
+        assert pruner.epoch_metrics()["lasso_coefficient"] == pytest.approx(0.02 * 4 * epoch / 8)
+    assert seen == pytest.approx(values, rel=1e-5)
+
+
+def test_bn_recalibration_makes_running_statistics_the_batch_average(images):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1).eval()
+    norm = model.layers[1][0].bn2
+    batch_means, batch_vars = [], []
+
+    def record(module, args):
+        x = args[0].detach()
+        batch_means.append(x.mean((0, 2, 3)))
+        batch_vars.append(x.var((0, 2, 3), unbiased=True))
+
+    handle = norm.register_forward_pre_hook(record)
+    recalibrate_batchnorm(model, images)
+    handle.remove()
+    assert len(batch_means) == 3
+    torch.testing.assert_close(norm.running_mean, torch.stack(batch_means).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack(batch_vars).mean(0))
+    assert int(norm.num_batches_tracked) == 3
+    assert norm.momentum == 0.1 and not model.training  # settings restored
+
+
+def test_recipes_take_the_lever_fields_and_check_them():
+    recipe = parse_recipe({"schedule": {"epochs": 6}, "pruning": {
+        "allocation": "global", "target_compression": 8.0, "min_layer_ratio": 0.3,
+        "max_layer_ratio": 0.9, "distill_alpha": 0.5, "distill_temperature": 4.0,
+        "reselect_every": 1, "lasso_schedule": "ramp"}})
+    assert recipe.pruning.allocation == "global" and recipe.pruning.reselect_every == 1
+    defaults = PruningConfig()
+    assert (defaults.allocation, defaults.distill_alpha, defaults.reselect_every,
+            defaults.lasso_schedule) == ("uniform", 0.0, 0, "constant")
+    for pruning, message in [
+        ({"distill_alpah": 0.5}, "pruning.distill_alpah: Extra inputs are not permitted"),
+        ({"allocation": "layerwise"}, "pruning.allocation"),
+        ({"distill_alpha": 1.5}, "pruning.distill_alpha"),
+        ({"method": "prunetrain", "distill_alpha": 0.5}, "pruning.distill_alpha is a ClickTrain lever"),
+        ({"allocation": "global", "layer_ratios": {"layers.*": 0.5}}, "give one or the other"),
+        ({"min_layer_ratio": 0.8, "max_layer_ratio": 0.5}, "min_layer_ratio (0.8) must be <="),
+        ({"reselect_every": 2}, "must be before hard_prune_epoch (3)"),
+    ]:
+        with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_recipe({"pruning": pruning}, "r.toml")
+
+
+LEVERS = {"allocation": "global", "target_compression": 8.0, "distill_alpha": 0.5,
+          "reselect_every": 1, "lasso_schedule": "ramp", "select_epoch": 1, "hard_prune_epoch": 3,
+          "mixup_alpha": 0.3}  # mixup in the hard phase: the teacher sees the mixed images
+
+
+def _lever_recipe(output_dir) -> dict:
+    return small_recipe(output_dir, pruning=LEVERS,
+                        data={"train_subset": 200, "test_subset": 200, "test_batch_size": 200},
+                        schedule={"epochs": 4, "bn_recalibration_batches": 2})
+
+
+def test_levers_train_record_their_metrics_and_resume_with_the_same_loss(tmp_path):
+    result = train(parse_recipe(_lever_recipe(tmp_path / "run")), progress=False)
+    m = result.metrics
+    assert [row["phase"] for row in m] == ["dense", "regularize", "regularize", "hard"]
+    assert m[0]["distill_loss"] == 0 and all(row["distill_loss"] > 0 for row in m[1:])
+    assert [row["reselection_changed_groups"] is None for row in m] == [True, True, False, True]
+    assert [row["lasso_coefficient"] for row in m] == pytest.approx([0, 0.01 * 4 / 8, 0.01, 0])
+    assert m[-1]["paper_conv_compression"] == pytest.approx(8.0, rel=0.02)
+    assert len(set(m[-1]["layer_ratios"].values())) > 1 and m[0]["layer_ratios"] == {}
+    assert all(row["distill_alpha"] == 0.5 and row["bn_recalibration_batches"] == 2
+               and row["allocation"] == "global" for row in m)
+    # the teacher is the model at the end of the dense phase, and is checkpointed
+    checkpoints = sorted((result.output_dir / "checkpoints").iterdir())
+    dense, first = load_checkpoint(checkpoints[0]), load_checkpoint(checkpoints[1])
+    assert dense["teacher"] is None
+    for key, value in dense["model"].items():
+        assert torch.equal(first["teacher"][key], value), key
+    for path in checkpoints[2:]:
+        path.unlink()  # as if the run died after epoch 1: resume in the lasso phase
+    resumed = train(parse_recipe(_lever_recipe(tmp_path / "run")), resume=True, progress=False)
+    assert without_wall_clock(resumed.metrics) == without_wall_clock(m)
