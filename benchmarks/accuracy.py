@@ -118,12 +118,16 @@ STUDIES: list[Study] = [
         Row("a10-lasso-ramp", {"pruning.lasso_schedule": "ramp"}),
         Row("a10-importance-32", {"pruning.importance_batches": 32}),
         Row("a10-mixup-0.2", {"pruning.mixup_alpha": 0.2}),
-        # schedule.bn_recalibration_batches (20 by default) already recalibrates before every
-        # evaluation in every row; this is the pruning option being added.
-        Row("a10-bn-recal-8", {"pruning.bn_recalibration_batches": 8}),
+        # every other row recalibrates BatchNorm on 20 batches before each evaluation (the
+        # default schedule.bn_recalibration_batches); this row measures what that is worth
+        Row("a10-no-bn-recal", {"schedule.bn_recalibration_batches": 0}),
         Row("a10-global-8x", {"pruning.allocation": "global", "pruning.target_compression": 8.0}),
         Row("a10-distill-0.5", {"pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0}),
         Row("a10-reselect-1", {"pruning.reselect_every": 1}),
+        Row("a10-combined", {"pruning.select_epoch": 3, "pruning.hard_prune_epoch": 7,
+                             "pruning.allocation": "global", "pruning.target_compression": 8.0,
+                             "pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0},
+            note="phases 30/40/30 + global allocation + distillation"),
     )),
     Study("pretrained", "Issue #14: ClickTrain from a trained dense model (5 + 5 epochs) vs from "
           "scratch (10), seed 0", (
