@@ -44,6 +44,7 @@ import numpy as np
 Tap = tuple[int, int]
 ATTRS = ("T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, "
          "'tirx.is_scheduled': True}})")
+L2_BYTES = 512 * 1024  # what a kernel may count on keeping in a core's L2 (x86 1-2 MiB, Cortex-A 0.5-1)
 EPILOGUE_STEPS = {"residual": 0, "relu": 0, "clip": 2, "hardsigmoid": 2, "hardswish": 2, "sigmoid": 0, "silu": 0}
 
 
@@ -158,6 +159,22 @@ class ConvSpec(_Geometry):
         band = min(row_tiles, math.ceil(8 / col_tiles))  # about 8 tiles use each weight block
         bands = math.ceil(row_tiles / band)
         return block, math.ceil(row_tiles / bands)
+
+
+    def rows_outer(self, bands: int) -> bool:
+        """Job order: True runs every output block of one band of rows before the next band
+        (the band's input rows stay in L2 while the blocks use them; the weights are read once
+        per band), False every band of one output block before the next (its weights stay hot;
+        the whole input is read once per block). The order that moves fewer bytes from beyond
+        L2 wins: VGG's 224x224 and 56x56x256 maps (3-13 MB of input) run rows outer, deep layers
+        on small maps (weights larger than the map) blocks outer."""
+        ph, pw = self.padded_hw
+        image = self.in_blocks * ph * pw * self.in_lanes * 4
+        weights = max(self.entries, 1) * len(self.groups[0]) * self.lanes * 4
+        groups = math.ceil(self.out_blocks / min(self.out_tile, self.out_blocks))
+        blocks_outer = weights + (groups * image if image > L2_BYTES else image)
+        rows_first = image + (bands * weights if weights > L2_BYTES else weights)
+        return rows_first < blocks_outer
 
 
 @dataclass(frozen=True)
@@ -331,9 +348,13 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
                                                          f"wv: T.Buffer(({entries * taps * lanes},), 'float32')"])
     block, band = spec.cache_blocks() if spec.full_dense else (spec.in_channels, 1)
     chunks, bands = math.ceil(spec.in_channels / block), math.ceil(row_tiles / band)
+    if spec.rows_outer(bands):  # job = (image, band of rows, output block group)
+        group, rband = f"job % {obg}", f"job // {obg} % {bands}"
+    else:  # job = (image, output block group, band of rows)
+        group, rband = f"job // {bands} % {obg}", f"job % {bands}"
     lines += [
         f"    for job in T.parallel({n_ * obg * bands}):",
-        f"        g0: T.let = job // {bands} % {obg} * {obt}",
+        f"        g0: T.let = {group} * {obt}",
         f"        ob: T.let = T.min(g0, {ocb - obt})",
         f"        n: T.let = job // {bands * obg}",
     ]
@@ -343,10 +364,10 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
         ind += "    "
     if band > 1:
         lines += [f"{ind}for rb in range({band}):",
-                  f"{ind}    rt: T.let = job % {bands} * {band} + rb",
+                  f"{ind}    rt: T.let = {rband} * {band} + rb",
                   f"{ind}    y0: T.let = T.min(rt * {ry}, {oh - ry})"]
     else:
-        lines += [f"{ind}rt: T.let = job % {bands}",
+        lines += [f"{ind}rt: T.let = {rband}",
                   f"{ind}y0: T.let = T.min(rt * {ry}, {oh - ry})"]
     ind += "    " if band > 1 else ""
     lines += [f"{ind}for xt in range({col_tiles}):",
