@@ -350,16 +350,18 @@ def test_weights_outside_their_group_are_refused():
         compact_weights(np.zeros((8, 4, 1, 1), np.float32), np.zeros((1, 4), int), spec)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_rows_outer_job_order_on_a_map_larger_than_l2(dense):
-    """A 64-channel 46x46 map with 32 output channels in 8 blocks: the padded input (737 KiB) is
+@pytest.mark.parametrize("dense,stride", [(False, 1), (False, 2), (True, 1)])
+def test_rows_outer_job_order_on_a_map_larger_than_l2(dense, stride):
+    """A 64-channel 46x45 map with 32 output channels in 8 blocks: the padded input (577 KiB) is
     larger than L2_BYTES, so the jobs run every output block of a band of rows before the next
-    band; pattern and dense kernels, odd rows, batch 2, residual epilogue."""
+    band, and the padded pattern kernel copies each band's rows into a job-local scratch (the
+    last band shifted back to end at the map's edge); pattern and dense kernels, odd rows,
+    stride 1 and 2, batch 2, residual epilogue."""
     if dense:
         spec = _dense(32, 64, 3, 3, 4, height=46, width=45, batch=2)
     else:
         weight, ids = _pattern_weight(32, 64, 16, removed=0.7, seed=5)
         spec = _run(weight, pattern_assignment(ids, 16, 32, 4), library_taps(LIBRARY), height=46, width=45,
-                    lanes=4, batch=2)
+                    lanes=4, batch=2, stride=(stride, stride))
     xw, ry = spec.effective_tile()
     assert spec.rows_outer(-(-spec.out_hw[0] // ry))

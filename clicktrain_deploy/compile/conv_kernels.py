@@ -14,7 +14,7 @@ here. Depthwise convs (channel multiplier 1) have their own kernel (``depthwise_
 Tensors of ``conv_tvmscript``:
   X     (N, ceil(IC/Li), H, W, Li) input, NCHW[Li]c (Li = L, or IC for a stem with IC < L)
   ptr   (OCB * G + 1,) int32         entry range of (output block ob, tap group g)
-  coff  (NK,) int32                  offset of the entry's input channel in the (padded) input of image 0
+  coff  (NK,) int32                  input channel of the entry
   wv    (NK * T * L,) float32        per entry: T taps x L output lanes (lanes innermost), T = group size
   bias  (OCB, L) float32             folded BN bias (zeros in padded lanes)
   R     (N, OCB, OH, OW, L)          optional residual (an epilogue step)
@@ -275,7 +275,6 @@ def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> t
                          f"{spec.in_channels}x{spec.kernel}")
     if any(not (0 <= dy < kh and 0 <= dx < kw) for g in groups for dy, dx in g):
         raise ValueError(f"a tap group holds a tap outside the {kh}x{kw} kernel")
-    ph, pw = spec.padded_hw
     padded = np.zeros((spec.out_blocks * lanes, ic, kh, kw), np.float32)
     padded[:oc] = weight
     blocks = padded.reshape(spec.out_blocks, lanes, ic, kh, kw)
@@ -290,7 +289,7 @@ def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> t
                 if outside.any():
                     raise ValueError(f"output block {ob}, input channel {c}: non-zero weight outside "
                                      f"tap group {g}")
-                coff.append((c // spec.in_lanes) * ph * pw * spec.in_lanes + c % spec.in_lanes)
+                coff.append(c)
                 values.append(np.stack([kernel[:, dy, dx] for dy, dx in taps]))  # (T, L)
             ptr.append(len(coff))
     unused = ~np.isin(assign, np.arange(len(groups))) & (assign != -1)
@@ -327,6 +326,32 @@ def _scratch_copy(blocks: int, height: int, width: int, lanes: int, padding, ph:
     return lines
 
 
+def _band_copy(spec: ConvSpec, blocks: int, rows: int) -> list[str]:
+    """Statements (in a job whose band starts at output row yb of image n) filling the job-local
+    Xb (blocks x rows x PW x Li) with padded input rows yb * SH ... yb * SH + rows - 1: zeros
+    outside X, X's row between the left and right halo inside."""
+    pt, pl, _, pr = spec.padding
+    (_, pw), li, h, w = spec.padded_hw, spec.in_lanes, spec.height, spec.width
+    row = f"(c * {rows} + r) * {pw * li}"
+    return [
+        f"        Xb = T.alloc_buffer(({blocks * rows * pw * li},), 'float32')",
+        f"        for c, r in T.grid({blocks}, {rows}):",
+        f"            src: T.let = yb * {spec.stride[0]} + r - {pt}",
+        f"            if src >= 0 and src < {h}:",
+        *([f"                for i in T.vectorized({pl * li}):", f"                    Xb[{row} + i] = T.float32(0)"]
+          if pl else []),
+        f"                for x in range({w}):",
+        f"                    for l in T.vectorized({li}):",
+        f"                        Xb[{row} + (x + {pl}) * {li} + l] = "
+        f"Xf[((n * {blocks} + c) * {h} + src) * {w * li} + x * {li} + l]",
+        *([f"                for i in T.vectorized({pr * li}):",
+           f"                    Xb[{row} + {(pl + w) * li} + i] = T.float32(0)"] if pr else []),
+        "            else:",
+        f"                for i in T.vectorized({pw * li}):",
+        f"                    Xb[{row} + i] = T.float32(0)",
+    ]
+
+
 def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     """TVMScript text of the conv PrimFunc described in the module docstring."""
     _check_geometry(spec)
@@ -343,22 +368,40 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     if obt > 1 and not spec.full_dense:
         raise ValueError("out_tile > 1 needs a full-dense conv (one tap group, every entry)")
     obg = math.ceil(ocb / obt)  # output block groups; the last one is shifted back to end at OCB
-    lines, source = _prologue(spec, name, icb, li, ocb, [f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
-                                                         f"coff: T.Buffer(({entries},), 'int32')",
-                                                         f"wv: T.Buffer(({entries * taps * lanes},), 'float32')"])
     block, band = spec.cache_blocks() if spec.full_dense else (spec.in_channels, 1)
     chunks, bands = math.ceil(spec.in_channels / block), math.ceil(row_tiles / band)
-    if spec.rows_outer(bands):  # job = (image, band of rows, output block group)
-        group, rband = f"job % {obg}", f"job // {obg} % {bands}"
-    else:  # job = (image, output block group, band of rows)
-        group, rband = f"job // {bands} % {obg}", f"job % {bands}"
-    lines += [
-        f"    for job in T.parallel({n_ * obg * bands}):",
-        f"        g0: T.let = {group} * {obt}",
-        f"        ob: T.let = T.min(g0, {ocb - obt})",
-        f"        n: T.let = job // {bands * obg}",
-    ]
-    ind = "        "
+    rows_outer = spec.rows_outer(bands)
+    # Banded: a padded conv whose jobs go rows outer copies, per band of rows, just the padded
+    # input rows that band reads into a job-local scratch, which every output block then uses
+    # while it is in L2 (the input is read from memory once and no padded copy is written back).
+    banded = spec.padded and chunks == 1 and rows_outer
+    lines, source = _prologue(spec, name, icb, li, ocb, [f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
+                                                         f"coff: T.Buffer(({entries},), 'int32')",
+                                                         f"wv: T.Buffer(({entries * taps * lanes},), 'float32')"],
+                              scratch=not banded)
+    band_rows = min((band * ry - 1) * sh + (spec.kernel[0] - 1) * dh + 1, ph)  # padded rows a band reads
+    plane = (band_rows if banded else ph) * pw * li  # floats per input block in the buffer the taps read
+    if banded:  # job = (image, band of rows); output block groups inside
+        lines += [f"    for job in T.parallel({n_ * bands}):",
+                  f"        n: T.let = job // {bands}",
+                  f"        yb: T.let = T.min(job % {bands} * {band * ry}, {oh - ry})",
+                  *_band_copy(spec, icb, band_rows),
+                  f"        for gi in range({obg}):",
+                  f"            g0: T.let = gi * {obt}",
+                  f"            ob: T.let = T.min(g0, {ocb - obt})"]
+        source, rband, ind = "Xb", f"job % {bands}", "            "
+    else:
+        if rows_outer:  # job = (image, band of rows, output block group)
+            group, rband = f"job % {obg}", f"job // {obg} % {bands}"
+        else:  # job = (image, output block group, band of rows)
+            group, rband = f"job // {bands} % {obg}", f"job % {bands}"
+        lines += [
+            f"    for job in T.parallel({n_ * obg * bands}):",
+            f"        g0: T.let = {group} * {obt}",
+            f"        ob: T.let = T.min(g0, {ocb - obt})",
+            f"        n: T.let = job // {bands * obg}",
+        ]
+        ind = "        "
     if chunks > 1:  # cache blocks of input channels; partial sums of all but the last wait in Y
         lines += [f"{ind}for icc in range({chunks}):"]
         ind += "    "
@@ -372,7 +415,8 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     ind += "    " if band > 1 else ""
     lines += [f"{ind}for xt in range({col_tiles}):",
               f"{ind}    x0: T.let = T.min(xt * {xw}, {ow - xw})",
-              f"{ind}    pix: T.let = n * {icb * ph * pw * li} + (y0 * {sh * pw} + x0 * {sw}) * {li}"]
+              f"{ind}    pix: T.let = " + (f"((y0 - yb) * {sh * pw} + x0 * {sw}) * {li}" if banded else
+                                          f"n * {icb * ph * pw * li} + (y0 * {sh * pw} + x0 * {sw}) * {li}")]
     ind += "    "
     # One accumulator buffer per (output block, tile row): TVM keeps buffers under 1 KiB on the
     # stack (LLVM then holds them in registers); larger ones become a workspace call per tile.
@@ -413,11 +457,11 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
         return body
 
     if spec.full_dense:
-        # entries in channel order: entry ob * IC + ic; coff of block 0's entries serves every block
+        # entries in channel order: entry ob * IC + ic, so the channel needs no coff
         span = f"icc * {block}, T.min(icc * {block} + {block}, {spec.in_channels})" if chunks > 1 \
             else f"{spec.in_channels}"
         lines += [f"{ind}for ic in range({span}):",
-                  f"{ind}    base: T.let = coff[ic] + pix",
+                  f"{ind}    base: T.let = ic // {li} * {plane} + ic % {li} + pix",
                   f"{ind}    wk: T.let = (ob * {spec.in_channels} + ic) * {taps * lanes}"]
         lines += taps_body(spec.groups[0], "base", "wk", ind + "    ")
     else:
@@ -425,7 +469,7 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
             # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
             lines += [
                 f"{ind}for k in range(ptr[ob * {ngroups} + {g}], ptr[ob * {ngroups} + {g + 1}]):",
-                f"{ind}    base{g}: T.let = coff[k] + pix",
+                f"{ind}    base{g}: T.let = coff[k] // {li} * {plane} + coff[k] % {li} + pix",
             ]
             lines += taps_body(group, f"base{g}", f"k * {taps * lanes}", ind + "    ")
     final, partial = [], []
@@ -460,9 +504,11 @@ def depthwise_weights(weight: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, lanes, kh * kw).transpose(0, 2, 1))
 
 
-def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, weights: list[str]) -> tuple[list[str], str]:
+def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, weights: list[str],
+              scratch: bool = True) -> tuple[list[str], str]:
     """The PrimFunc's signature X, *weights, bias, [R], Y and its input view: a flat alias of X,
-    or the zero-padded scratch copy. Returns the lines and the buffer the taps read."""
+    or (padded, ``scratch``) the zero-padded scratch copy. Returns the lines and the buffer the
+    taps read."""
     (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
     out = f"{spec.batch}, {out_blocks}, {oh}, {ow}, {spec.lanes}"
     params = [f"X: T.Buffer(({spec.batch}, {in_blocks}, {spec.height}, {spec.width}, {in_lanes}), 'float32')",
@@ -473,7 +519,7 @@ def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, w
     size = spec.batch * in_blocks * spec.height * spec.width * in_lanes
     lines = ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name),
              f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)"]
-    if not spec.padded:
+    if not (spec.padded and scratch):
         return lines, "Xf"
     return lines + _scratch_copy(spec.batch * in_blocks, spec.height, spec.width, in_lanes, spec.padding, ph, pw), "Xp"
 
