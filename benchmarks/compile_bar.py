@@ -21,6 +21,7 @@ JSON at the end of every model.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import sys
@@ -119,7 +120,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--compression", type=float, default=8.0)
-    parser.add_argument("--threads", default="1,all", help="thread counts, 'all' = every core (default 1,all)")
+    parser.add_argument("--threads", default="1,all",
+                        help="thread counts, 'all' = every core (default 1,all); 'none': no x86 timing (ARM only)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=5)
@@ -151,13 +153,13 @@ def main() -> None:
     results["harness"] = HARNESS
     compiler = compiler_digest()
     wanted = [r for r in args.runtimes.split(",") if r]
-    threads = thread_counts(args.threads)
+    threads = [] if args.threads == "none" else thread_counts(args.threads)
 
     def save() -> None:
         atomic_write_json(out_json, results)
         atomic_write_text(args.out.with_suffix(".md"), "\n".join(
             to_markdown({**rec, "harness": results["harness"]}, f"**{key}** ({rec.get('source', {}).get('kind', '')}). ")
-            for key, rec in results["models"].items() if rec.get("timings")))
+            for key, rec in results["models"].items() if any(rec.get("timings", {}).values()) or rec.get("arm")))
 
     for kind, name in [("model", m) for m in args.model] + [("run", r) for r in args.run]:
         key = name if kind == "model" else Path(name).name
@@ -172,7 +174,7 @@ def main() -> None:
         build_dir = work / f"build-{compiler}-{record['onnx_sha256']}"
         libraries = {}
         for runtime, sparse in (("ours_sparse", True), ("ours_dense", False)):
-            if runtime not in wanted:
+            if runtime not in wanted or not threads:
                 continue
             record["errors"].pop(f"{runtime}/x86 build", None)
             try:
@@ -223,6 +225,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
 
     counts = record.setdefault("arm", {})
     counts["cpu"] = cpu
+    record.setdefault("date", datetime.datetime.now().isoformat(timespec="seconds"))
     runs_of = counts.setdefault("runs", {})
     record["errors"].pop("arm", None)
     try:

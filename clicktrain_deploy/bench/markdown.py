@@ -87,10 +87,11 @@ def to_markdown(record: dict, title: str = "") -> str:
     versions = ", ".join(f"{k} {env[k]}" for k in ("tvm", "onnxruntime", "torch") if env.get(k))
     lines = [f"{title}Measured {env.get('date', record.get('date', ''))} on {where}"
              f"{f' ({versions})' if versions else ''}, `{record.get('onnx', '')}`, batch 1. "
-             f"Harness: {record.get('harness', 'see clicktrain_deploy.bench')}.", "",
-             *whole_model_table(record), "",
-             "Empty-call floor of each runtime (the same call path on a one-ReLU model; included, not "
-             "subtracted, in every figure):", "", *floor_table(record)]
+             f"Harness: {record.get('harness', 'see clicktrain_deploy.bench')}."]
+    if any(record["timings"].values()):
+        lines += ["", *whole_model_table(record), "",
+                  "Empty-call floor of each runtime (the same call path on a one-ReLU model; included, not "
+                  "subtracted, in every figure):", "", *floor_table(record)]
     if record.get("arm", {}).get("ours_sparse"):
         lines += ["", *arm_table(record)]
     for threads in record["timings"]:
