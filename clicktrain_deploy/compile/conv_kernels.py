@@ -381,6 +381,10 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
                               scratch=not banded)
     band_rows = min((band * ry - 1) * sh + (spec.kernel[0] - 1) * dh + 1, ph)  # padded rows a band reads
     plane = (band_rows if banded else ph) * pw * li  # floats per input block in the buffer the taps read
+    if not spec.full_dense:  # each entry's channel offset in the buffer the taps read, once per call
+        lines += [f"    offs = T.alloc_buffer(({entries},), 'int32')",
+                  f"    for k in range({entries}):",
+                  f"        offs[k] = coff[k] // {li} * {plane} + coff[k] % {li}"]
     if banded:  # job = (image, band of rows); output block groups inside
         lines += [f"    for job in T.parallel({n_ * bands}):",
                   f"        n: T.let = job // {bands}",
@@ -469,7 +473,7 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
             # T.let: a plain binding (x = ...) in the loop would become a one-element workspace buffer
             lines += [
                 f"{ind}for k in range(ptr[ob * {ngroups} + {g}], ptr[ob * {ngroups} + {g + 1}]):",
-                f"{ind}    base{g}: T.let = coff[k] // {li} * {plane} + coff[k] % {li} + pix",
+                f"{ind}    base{g}: T.let = offs[k] + pix",
             ]
             lines += taps_body(group, f"base{g}", f"k * {taps * lanes}", ind + "    ")
     final, partial = [], []
