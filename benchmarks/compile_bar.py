@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--arm-cpu", default="cortex-a72", help="'none' to skip ARM")
     parser.add_argument("--arm-runs", default="1,11", help="FEW,MANY: ARM instructions per inference = "
                         "(count at MANY runs - count at FEW) / (MANY - FEW), the same for every runtime")
+    parser.add_argument("--arm-timeout", type=float, default=600, help="seconds each qemu run may take")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_bar"))
     parser.add_argument("--work", type=Path, default=Path("runs/compile_bar"))
     parser.add_argument("--fresh", action="store_true", help="ignore what the JSON file records")
@@ -210,14 +211,14 @@ def main() -> None:
             save()
         if args.arm_cpu != "none":
             arm(record, onnx_path, build_dir, args.arm_cpu, wanted, model,
-                tuple(int(r) for r in args.arm_runs.split(",")))
+                tuple(int(r) for r in args.arm_runs.split(",")), args.arm_timeout)
             save()
         save()
     print(args.out.with_suffix(".md").read_text())
 
 
 def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[str], model,
-        runs: tuple[int, int]) -> None:
+        runs: tuple[int, int], timeout: float) -> None:
     """ARM instruction counts not yet recorded: ours sparse and dense, and onnxruntime-aarch64
     where ``bench.arm`` offers ``onnxruntime_arm_instructions``, each (count at runs[1] - count
     at runs[0]) / the difference; the runs are recorded."""
@@ -242,7 +243,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
                 library = build(onnx_path, cpu, sparse, build_dir)
                 shape = json.loads(library.with_suffix(".json").read_text())["inputs"][0]["shape"]
                 image = model_input(model).reshape(shape)
-                counts[runtime] = instructions_per_inference(library, image, cpu, runs)
+                counts[runtime] = instructions_per_inference(library, image, cpu, runs, timeout)
                 runs_of[runtime] = list(runs)
             except Exception as exc:  # noqa: BLE001
                 record["errors"][f"{runtime}/arm"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -250,7 +251,7 @@ def arm(record: dict, onnx_path: Path, build_dir: Path, cpu: str, wanted: list[s
     if "onnxruntime" in wanted and "onnxruntime" not in counts and ort_count is not None:
         record["errors"].pop("onnxruntime/arm", None)
         try:
-            counts["onnxruntime"] = int(ort_count(onnx_path, [model_input(model)], runs, cpu=cpu))
+            counts["onnxruntime"] = int(ort_count(onnx_path, [model_input(model)], runs, cpu=cpu, timeout=timeout))
             runs_of["onnxruntime"] = list(runs)
         except Exception as exc:  # noqa: BLE001
             record["errors"]["onnxruntime/arm"] = f"{type(exc).__name__}: {exc}"[:2000]

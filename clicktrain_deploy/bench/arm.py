@@ -43,20 +43,21 @@ class OrtArmCount:
 
 
 def measure_onnxruntime_arm(onnx_path: str | Path, inputs: list[np.ndarray], runs: tuple[int, int] = (1, 11),
-                            cpu: str = "cortex-a72") -> OrtArmCount:
+                            cpu: str = "cortex-a72", timeout: float = 600) -> OrtArmCount:
     """Count onnxruntime-aarch64 (the runtime an ARM user would pick) on ``inputs`` under
     ``qemu-aarch64 -cpu cpu``, one thread, like ``instructions_per_inference`` counts ours.
     Interpreter and session start-up cancel in the difference; the Python ``session.run`` call
-    itself (a few thousand instructions) is part of each inference, as it is for a user."""
+    itself (a few thousand instructions) is part of each inference, as it is for a user.
+    ``timeout``: seconds each qemu run may take."""
     few, many = runs
     if not 0 <= few < many:
         raise ValueError(f"runs={runs}: need 0 <= fewer < more")
-    _, low = run_onnxruntime_arm(onnx_path, inputs, runs=few, cpu=cpu, count=True)
-    outputs, high = run_onnxruntime_arm(onnx_path, inputs, runs=many, cpu=cpu, count=True)
+    _, low = run_onnxruntime_arm(onnx_path, inputs, runs=few, cpu=cpu, count=True, timeout=timeout)
+    outputs, high = run_onnxruntime_arm(onnx_path, inputs, runs=many, cpu=cpu, count=True, timeout=timeout)
     return OrtArmCount(round((high - low) / (many - few)), {few: low, many: high}, outputs)
 
 
 def onnxruntime_arm_instructions(onnx_path: str | Path, inputs: list[np.ndarray], runs: tuple[int, int] = (1, 11),
-                                 cpu: str = "cortex-a72") -> int:
+                                 cpu: str = "cortex-a72", timeout: float = 600) -> int:
     """Guest instructions of one onnxruntime-aarch64 inference (see ``measure_onnxruntime_arm``)."""
-    return measure_onnxruntime_arm(onnx_path, inputs, runs, cpu).per_inference
+    return measure_onnxruntime_arm(onnx_path, inputs, runs, cpu, timeout).per_inference

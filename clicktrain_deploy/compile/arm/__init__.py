@@ -96,13 +96,13 @@ def run_under_qemu(library: str | Path, inputs: np.ndarray, *, cpu: str = "corte
 
 
 def instructions_per_inference(library: str | Path, inputs: np.ndarray, cpu: str = "cortex-a72",
-                               runs: tuple[int, int] = (1, 11)) -> int:
+                               runs: tuple[int, int] = (1, 11), timeout: float = 600) -> int:
     """Exact guest instructions of one inference: (count at ``runs[1]`` calls - count at
     ``runs[0]`` calls) / their difference, so start-up cancels (default (11 - 1) / 10; counts are
-    deterministic, so fewer runs suffice for large models)."""
+    deterministic, so fewer runs suffice for large models); ``timeout``: seconds per qemu run."""
     few, many = runs
     if not 0 < few < many:
         raise ValueError(f"runs={runs}: need 0 < fewer < more")
-    _, low = run_under_qemu(library, inputs, cpu=cpu, reps=few, count=True)
-    _, high = run_under_qemu(library, inputs, cpu=cpu, reps=many, count=True)
+    _, low = run_under_qemu(library, inputs, cpu=cpu, reps=few, count=True, timeout=timeout)
+    _, high = run_under_qemu(library, inputs, cpu=cpu, reps=many, count=True, timeout=timeout)
     return (high - low) // (many - few)
