@@ -15,7 +15,8 @@ conv (``bench.synthetic``), and trained runs (the Fashion-MNIST models) exported
 Resumable: every (model, thread count, runtime) and every ARM count is appended to the JSON file
 (``--out``.json) as soon as it is measured, with the CPU, date, load, thread count and versions;
 a re-run skips what is recorded for the same ONNX file and the same compiler source (a changed
-compiler re-measures ours; ``--fresh`` re-measures everything). ``--out``.md is rewritten from the
+compiler re-measures ours; ``--fresh`` re-measures everything of the models named now, keeping the
+other models' records). ``--out``.md is rewritten from the
 JSON at the end of every model.
 """
 from __future__ import annotations
@@ -132,7 +133,8 @@ def main() -> None:
     parser.add_argument("--arm-timeout", type=float, default=600, help="seconds each qemu run may take")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_bar"))
     parser.add_argument("--work", type=Path, default=Path("runs/compile_bar"))
-    parser.add_argument("--fresh", action="store_true", help="ignore what the JSON file records")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore what the JSON file records for the models named now (others are kept)")
     parser.add_argument("--wait", choices=("default", "passive"), default="default",
                         help="idle threads: the runtimes' defaults (onnxruntime spins; OpenMP, TVM defaults) or "
                              "passive (allow_spinning=0, OMP_WAIT_POLICY=PASSIVE, TVM_BIND_THREADS=0): use passive "
@@ -149,8 +151,11 @@ def main() -> None:
     from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
 
     out_json = args.out.with_suffix(".json")
-    results = json.loads(out_json.read_text()) if out_json.is_file() and not args.fresh else {}
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     results.setdefault("models", {})
+    if args.fresh:
+        for key in [*args.model, *(Path(r).name for r in args.run)]:
+            results["models"].pop(key, None)
     results["harness"] = HARNESS
     compiler = compiler_digest()
     wanted = [r for r in args.runtimes.split(",") if r]
