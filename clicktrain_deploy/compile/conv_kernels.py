@@ -160,7 +160,6 @@ class ConvSpec(_Geometry):
         bands = math.ceil(row_tiles / band)
         return block, math.ceil(row_tiles / bands)
 
-
     def rows_outer(self, bands: int) -> bool:
         """Job order: True runs every output block of one band of rows before the next band
         (the band's input rows stay in L2 while the blocks use them; the weights are read once
@@ -300,10 +299,26 @@ def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> t
     return (np.asarray(ptr, np.int32), np.asarray(coff or [0], np.int32), wv.astype(np.float32))
 
 
+def _padded_row(dst: str, row: str, src: str, width: int, lanes: int, left: int, right: int,
+                indent: str) -> list[str]:
+    """Statements writing one zero-padded row into ``dst`` from flat offset ``row``: ``left``
+    zero pixels, the ``width`` pixels of ``lanes`` floats starting at ``src`` in Xf, ``right``
+    zero pixels (no per-pixel branch: the copy runs at load/store speed)."""
+    lines = []
+    if left:
+        lines += [f"{indent}for i in T.vectorized({left * lanes}):", f"{indent}    {dst}[{row} + i] = T.float32(0)"]
+    lines += [f"{indent}for x in range({width}):",
+              f"{indent}    for l in T.vectorized({lanes}):",
+              f"{indent}        {dst}[{row} + (x + {left}) * {lanes} + l] = Xf[{src} + x * {lanes} + l]"]
+    if right:
+        lines += [f"{indent}for i in T.vectorized({right * lanes}):",
+                  f"{indent}    {dst}[{row} + {(left + width) * lanes} + i] = T.float32(0)"]
+    return lines
+
+
 def _scratch_copy(blocks: int, height: int, width: int, lanes: int, padding, ph: int, pw: int) -> list[str]:
     """Statements copying X (N*blocks images of H x W x lanes) into the zero-padded flat Xp: the
-    top and bottom halo rows zeroed whole, then each interior row as left halo, copied row, right
-    halo (no per-pixel branch: the copy runs at load/store speed)."""
+    top and bottom halo rows zeroed whole, then each interior row as a padded row."""
     pt, pl, pb, pr = padding
     plane = ph * pw * lanes
     lines = [f"    Xp = T.alloc_buffer(({blocks * plane},), 'float32')",
@@ -313,23 +328,15 @@ def _scratch_copy(blocks: int, height: int, width: int, lanes: int, padding, ph:
             lines += [f"        for i in T.vectorized({rows * pw * lanes}):",
                       f"            Xp[c * {plane} + {first * pw * lanes} + i] = T.float32(0)"]
     lines.append(f"        for y in range({height}):")
-    row = f"c * {plane} + (y + {pt}) * {pw * lanes}"
-    if pl:
-        lines += [f"            for i in T.vectorized({pl * lanes}):", f"                Xp[{row} + i] = T.float32(0)"]
-    lines += [f"            for x in range({width}):",
-              f"                for l in T.vectorized({lanes}):",
-              f"                    Xp[{row} + (x + {pl}) * {lanes} + l] = "
-              f"Xf[c * {height * width * lanes} + (y * {width} + x) * {lanes} + l]"]
-    if pr:
-        lines += [f"            for i in T.vectorized({pr * lanes}):",
-                  f"                Xp[{row} + {(pl + width) * lanes} + i] = T.float32(0)"]
-    return lines
+    return lines + _padded_row("Xp", f"c * {plane} + (y + {pt}) * {pw * lanes}",
+                               f"c * {height * width * lanes} + y * {width * lanes}", width, lanes, pl, pr,
+                               "            ")
 
 
 def _band_copy(spec: ConvSpec, blocks: int, rows: int) -> list[str]:
     """Statements (in a job whose band starts at output row yb of image n) filling the job-local
     Xb (blocks x rows x PW x Li) with padded input rows yb * SH ... yb * SH + rows - 1: zeros
-    outside X, X's row between the left and right halo inside."""
+    outside X, X's row as a padded row inside."""
     pt, pl, _, pr = spec.padding
     (_, pw), li, h, w = spec.padded_hw, spec.in_lanes, spec.height, spec.width
     row = f"(c * {rows} + r) * {pw * li}"
@@ -338,14 +345,7 @@ def _band_copy(spec: ConvSpec, blocks: int, rows: int) -> list[str]:
         f"        for c, r in T.grid({blocks}, {rows}):",
         f"            src: T.let = yb * {spec.stride[0]} + r - {pt}",
         f"            if src >= 0 and src < {h}:",
-        *([f"                for i in T.vectorized({pl * li}):", f"                    Xb[{row} + i] = T.float32(0)"]
-          if pl else []),
-        f"                for x in range({w}):",
-        f"                    for l in T.vectorized({li}):",
-        f"                        Xb[{row} + (x + {pl}) * {li} + l] = "
-        f"Xf[((n * {blocks} + c) * {h} + src) * {w * li} + x * {li} + l]",
-        *([f"                for i in T.vectorized({pr * li}):",
-           f"                    Xb[{row} + {(pl + w) * li} + i] = T.float32(0)"] if pr else []),
+        *_padded_row("Xb", row, f"((n * {blocks} + c) * {h} + src) * {w * li}", w, li, pl, pr, "                "),
         "            else:",
         f"                for i in T.vectorized({pw * li}):",
         f"                    Xb[{row} + i] = T.float32(0)",
