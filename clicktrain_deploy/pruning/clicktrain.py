@@ -17,7 +17,7 @@ from .. import distributed
 from ..errors import PruningError
 from .config import PruningConfig
 from .masks import (REMOVED, LayerMask, block_sum, group_lasso, group_tap_importance, removal_count,
-                    select_layer_mask)
+                    removal_order, select_layer_mask)
 from .method import PRUNING_METHODS, EpochContext
 from .patterns import PATTERN_LIBRARIES, PATTERN_NONZEROS, generate_library, validate_library
 from .report import SparsityReport, counted_by_paper, sparsity_report
@@ -209,7 +209,7 @@ def allocate_ratios(model: nn.Module, layers: list[PrunedLayer], importance: dic
         group = group_tap_importance(importance[layer.name], layer.block_size).sum(-1).flatten()
         lengths = block_sum(torch.ones(layer.module.out_channels, dtype=torch.float64), layer.block_size)
         cost = (PATTERN_NONZEROS * lengths).repeat_interleave(layer.module.in_channels)
-        order = torch.argsort(group, stable=True)  # the order kept_groups removes in
+        order = removal_order(group)
         score = group[order] / group.mean().clamp_min(torch.finfo(torch.float64).tiny)
         low = removal_count(len(group), config.min_layer_ratio)
         high = max(low, removal_count(len(group), config.max_layer_ratio))

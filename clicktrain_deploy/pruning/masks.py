@@ -97,10 +97,16 @@ def kept_groups(group_importance: Tensor, ratio: float) -> Tensor:
 
     group_importance: float (G_out, C_in), one total per (output block, input channel) group.
     """
-    order = torch.argsort(group_importance.flatten(), stable=True)
+    order = removal_order(group_importance)
     keep = torch.ones(group_importance.numel(), dtype=torch.bool)
     keep[order[: removal_count(len(order), ratio)]] = False
     return keep.view_as(group_importance)
+
+
+def removal_order(group_importance: Tensor) -> Tensor:
+    """Flat group indices in the order connectivity removes them: least importance first, ties
+    by position. ``kept_groups`` removes a prefix of it; global allocation ranks along it."""
+    return torch.argsort(group_importance.flatten(), stable=True)
 
 
 def group_lasso(weight: Tensor, removal: Tensor, block_size: int) -> Tensor:
