@@ -59,16 +59,17 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from clicktrain_deploy.config import Recipe, parse_recipe
+from clicktrain_deploy.config import Recipe, parse_recipe, read_recipe_file
 from clicktrain_deploy.errors import ClickTrainError, RecipeError
 from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
-from clicktrain_deploy.train.checkpoint import checkpoint_path, list_checkpoints
+from clicktrain_deploy.runfolder import RunFolder
+from clicktrain_deploy.train.checkpoint import list_checkpoints
+from clicktrain_deploy.train.trainer import RESUME_IGNORED
 
 from training_bar import _cpu_name  # noqa: E402  (same folder)
 
@@ -200,11 +201,6 @@ class Catalog:
         return list(self.rows)
 
 
-def _read_raw(path: Path) -> dict:
-    text = path.read_text()
-    return tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
-
-
 def _set_dotted(raw: dict, dotted: str, value) -> None:
     node, parts = raw, dotted.split(".")
     for part in parts[:-1]:
@@ -223,9 +219,9 @@ def _get_dotted(raw: dict, dotted: str, default=None):
     return node
 
 
-# What a run's identity leaves out: where it runs and how fast, not what it trains (the trainer's
-# resume ignores the same fields).
-_IGNORED = ("output_dir", "keep_checkpoints", "deploy", "schedule.threads", "data.workers")
+# What a run's identity leaves out: what the trainer's resume ignores (where it runs and how
+# fast, not what it trains), and the deploy stages, which come after training.
+_IGNORED = (*RESUME_IGNORED, "deploy")
 
 
 @dataclass
@@ -255,7 +251,7 @@ class Run:
 
     @property
     def final_checkpoint(self) -> Path:
-        return checkpoint_path(self.folder, (self.epochs or 1) - 1)
+        return RunFolder(self.folder).final_checkpoint(self.epochs or 1)
 
 
 def _identity(dump: dict, source: Run | None) -> str:
@@ -284,7 +280,7 @@ def plan(catalog: Catalog, names: list[str], runs_dir: Path, threads: int) -> di
         folder = runs_dir / row.name / f"seed{seed}"
         run = Run(row, seed, catalog.home[name], catalog.member[name], folder, method="?")
         try:
-            raw = _read_raw(path)
+            raw = read_recipe_file(path)
             raw["output_dir"], raw["seed"] = str(folder), seed
             raw.setdefault("schedule", {})["threads"] = threads
             for dotted, value in row.overrides.items():
@@ -303,7 +299,7 @@ def plan(catalog: Catalog, names: list[str], runs_dir: Path, threads: int) -> di
             recipe = parse_recipe(raw, row.name, base_dir=path.parent)
             run.recipe, run.epochs = recipe, recipe.schedule.epochs
             run.identity = _identity(recipe.model_dump(), run.source)
-        except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        except OSError as exc:
             run.error = f"{path}: {exc}"
         except ClickTrainError as exc:
             run.error = "; ".join(line.removeprefix(f"{row.name}: ") for line in str(exc).splitlines())
@@ -328,7 +324,7 @@ def _read_json(path: Path):
 
 def _metrics(folder: Path) -> list[dict]:
     try:
-        text = (folder / "metrics.jsonl").read_text()
+        text = RunFolder(folder).metrics.read_text()
     except OSError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -344,7 +340,7 @@ def folder_state(run: Run) -> tuple[str, int]:
     if not state or state.get("identity") != run.identity:
         return "stale", 0
     done = int(checkpoints[-1].stem.split("-")[1]) + 1
-    complete = (run.final_checkpoint.is_file() and (run.folder / "sparsity.json").is_file()
+    complete = (run.final_checkpoint.is_file() and RunFolder(run.folder).sparsity.is_file()
                 and len(_metrics(run.folder)) == run.epochs)
     return ("complete" if complete else "partial"), done
 
@@ -367,7 +363,7 @@ def collect(run: Run) -> dict:
     """The JSON record of a finished run, from its folder's files."""
     folder = run.folder
     metrics = _metrics(folder)
-    sparsity = json.loads((folder / "sparsity.json").read_text())
+    sparsity = json.loads(RunFolder(folder).sparsity.read_text())
     ran = yaml.safe_load((folder / RECIPE_FILE).read_text())
     segments = (_read_json(folder / STATE) or {}).get("segments", [])
     first = metrics[0]["train_flops"] if metrics else 0

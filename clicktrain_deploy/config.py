@@ -270,9 +270,8 @@ def parse_recipe(raw: dict, source: str = "<recipe>", base_dir: str | Path | Non
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a .toml, .yaml or .yml recipe; output_dir, model.file and model.weights
-    (relative to the recipe file's folder) are made absolute."""
+def read_recipe_file(path: str | Path) -> dict:
+    """The raw fields of a .toml, .yaml or .yml recipe file, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -288,6 +287,13 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a table of fields")
-    recipe = parse_recipe(raw, str(path), base_dir=path.parent)
+    return raw
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a .toml, .yaml or .yml recipe; output_dir, model.file and model.weights
+    (relative to the recipe file's folder) are made absolute."""
+    path = Path(path)
+    recipe = parse_recipe(read_recipe_file(path), str(path), base_dir=path.parent)
     recipe.output_dir = str((path.parent / recipe.output_dir).resolve())
     return recipe

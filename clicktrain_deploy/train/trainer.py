@@ -158,9 +158,13 @@ def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Genera
     return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
 
 
+# Recipe fields a resume may change: where the run writes and how fast it runs, not what it trains.
+RESUME_IGNORED = ("output_dir", "keep_checkpoints", "schedule.threads", "data.workers")
+
+
 def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
     """Refuse to resume under a recipe that would train differently from the saved one."""
-    ignored = {"output_dir", "keep_checkpoints", "schedule.threads", "data.workers"}
+    ignored = set(RESUME_IGNORED)
     if recipe.pruning.method == "dense" == saved["recipe"]["pruning"]["method"]:
         ignored |= {f"pruning.{key}" for key in recipe.pruning.model_fields}
     # deploy: after training; parsing the saved recipe gives fields it predates their defaults
