@@ -3,7 +3,8 @@
 Runs ``clicktrain-deploy run --config RECIPE`` (by default the README's ``recipes/fashion_resnet20.toml``)
 into a fresh output folder, in a child process, and records the measured wall time of the whole
 command, each stage's own seconds and status from the run's ``pipeline.json``, the exit status,
-the CPU model, core count, load average before and after, the commit and the library versions.
+the CPU model, core count, the commit and the library versions and the load average before the
+command (``environment``), and after it.
 ``--with-setup`` first runs ``bash scripts/setup.sh`` and times it too (the README's command is
 both). One measurement per invocation, appended to ``--out``.json (``--out``.md is rendered from
 it): run it on an idle machine, and compare only runs on the same CPU.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from clicktrain_deploy.bench import environment
 from clicktrain_deploy.fileio import atomic_write_json, atomic_write_text
+from clicktrain_deploy.pipeline.state import PipelineState
+from clicktrain_deploy.runfolder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +41,9 @@ def timed(command: list[str], cwd: Path) -> tuple[int, float]:
 
 def stage_times(run_dir: Path) -> dict[str, dict]:
     """Per stage: seconds, status, summary (from the run's pipeline.json; none if it never started)."""
-    path = run_dir / "pipeline.json"
-    if not path.is_file():
-        return {}
-    state = json.loads(path.read_text())
-    return {name: {"seconds": rec["seconds"], "status": rec["status"], "summary": rec["summary"]}
-            for name, rec in state["stages"].items()}
+    state = PipelineState.load(RunFolder(run_dir).state)
+    return {name: {"seconds": rec.seconds, "status": rec.status, "summary": rec.summary}
+            for name, rec in state.stages.items()}
 
 
 def markdown(results: list[dict]) -> str:
@@ -56,7 +56,7 @@ def markdown(results: list[dict]) -> str:
         after = sum(s["seconds"] for name, s in stages.items() if name != "train")
         setup = f"{r['setup_s']:.0f} s" if r.get("setup_s") is not None else "-"
         lines.append(f"| {r['date']} | {r['environment']['cpu']} | {r['environment']['cores']} | "
-                     f"{r['load_before'][0]:.1f} | {setup} | {r['run_s']:.0f} s | {r['exit']} | "
+                     f"{r['environment']['load_average'][0]:.1f} | {setup} | {r['run_s']:.0f} s | {r['exit']} | "
                      f"{train:.0f} s | {after:.0f} s |")
     lines += ["", "Stages of the newest run:", "", "| stage | status | seconds |", "|---|---|---|"]
     for name, s in results[-1]["stages"].items():
@@ -84,7 +84,7 @@ def main() -> None:
     recipe = args.run_dir.with_name(args.run_dir.name + ".yaml")  # beside the folder: run writes its own copy inside
     recipe.write_text(yaml.safe_dump(raw))
 
-    load_before = list(os.getloadavg())
+    before = environment()  # CPU, versions, commit and the load average before the command
     setup_s = None
     if args.with_setup:
         code, setup_s = timed(["bash", "scripts/setup.sh"], REPO)
@@ -96,7 +96,7 @@ def main() -> None:
     results = json.loads(out_json.read_text()) if out_json.is_file() else []
     results.append({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "recipe": os.path.relpath(args.recipe, REPO),
-        "environment": environment(), "load_before": load_before, "load_after": list(os.getloadavg()),
+        "environment": before, "load_after": list(os.getloadavg()),
         "setup_s": setup_s, "run_s": round(run_s, 1), "exit": code, "stages": stage_times(args.run_dir)})
     atomic_write_json(out_json, results)
     atomic_write_text(args.out.with_suffix(".md"), markdown(results))
