@@ -19,6 +19,8 @@ Tensors of ``conv_tvmscript``:
   bias  (OCB, L) float32             folded BN bias (zeros in padded lanes)
   R     (N, OCB, OH, OW, L)          optional residual (an epilogue step)
   Y     (N, OCB, OH, OW, L)          output, NCHW[L]c; Y = epilogue(conv(X) + bias)
+with ``channels_last_out`` R and Y are (N, OH, OW, OCB * L) instead: with Li = IC (one input
+block) the kernel then reads and writes torch's channels_last tensors as they are (training's op).
 with OCB = ceil(OC / L). Rows and columns are computed in RY x XW register tiles; the last tile of
 a row or column is shifted back to end at the map's edge (it recomputes a few outputs with the
 same values), so odd sizes need neither padding of the output nor guards in the inner loops.
@@ -74,6 +76,8 @@ def _check_geometry(spec) -> None:
 class _Geometry:
     """What ConvSpec and DepthwiseSpec share: output size, padded scratch, epilogue."""
 
+    channels_last_out = False  # a ConvSpec field; depthwise kernels write NCHW[L]c
+
     @property
     def out_hw(self) -> tuple[int, int]:
         return conv_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation)
@@ -121,6 +125,7 @@ class ConvSpec(_Geometry):
     tile: tuple[int, int] = (4, 4)  # (XW columns, RY rows)
     out_tile: int = 1  # output blocks per register tile (full-dense convs only)
     ic_block: int = 0  # full-dense: input channels per cache block (0: automatic, weights ~16 KiB)
+    channels_last_out: bool = False  # Y (and R) as (N, OH, OW, OCB * L): NHWC, as torch's channels_last
 
     @property
     def in_blocks(self) -> int:
@@ -427,6 +432,8 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     accs = [[f"acc{j}_{r}" for r in range(ry)] for j in range(obt)]
 
     def index(j: int, r: int) -> str:
+        if spec.channels_last_out:
+            return f"n, y0 + {r}, x0 + xi, (ob + {j}) * {lanes} + l"
         return f"n, ob + {j}, y0 + {r}, x0 + xi, l"
 
     for row in accs:
@@ -515,6 +522,8 @@ def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, w
     taps read."""
     (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
     out = f"{spec.batch}, {out_blocks}, {oh}, {ow}, {spec.lanes}"
+    if spec.channels_last_out:
+        out = f"{spec.batch}, {oh}, {ow}, {out_blocks * spec.lanes}"
     params = [f"X: T.Buffer(({spec.batch}, {in_blocks}, {spec.height}, {spec.width}, {in_lanes}), 'float32')",
               *weights, f"bias: T.Buffer(({out_blocks}, {spec.lanes}), 'float32')"]
     if spec.residual:

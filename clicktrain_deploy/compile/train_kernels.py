@@ -1,0 +1,195 @@
+"""Generated backward kernels of a pattern-sparse conv, for training on the patterns (issue #16).
+
+Training keeps activations in torch's channels_last layout, which is NCHW[Li]c with one block of
+Li = IC lanes, so the forward pass is ``conv_tvmscript`` with ``in_lanes = IC`` and
+``channels_last_out``; these are its two gradients on the same ``ConvSpec`` and the same compact
+weights (ptr, coff, wv: ``compact_weights``). Only the kept taps of kept (output block, input
+channel) entries are computed: removed weights get no gradient and cost nothing.
+
+Tensors (OCp = OCB * L; the forward reads X (N, H, W, IC) and writes Y (N, OH, OW, OCp)):
+  dY    (N, OH, OW, OCp)   output gradient, channels_last (zero in padded lanes)
+  dwv   (NK * T * L,)      weight gradient in wv's layout (``conv_weight_grad_tvmscript``)
+  ptrT  (IC * G + 1,)      entry range of (input channel ic, tap group g), ``transposed_entries``
+  obT   (NK,)              output block of each transposed entry
+  kfw   (NK,)              its index in the forward entry order (where its weights are in wv)
+  dX    (N, H, W, IC)      input gradient, channels_last (``conv_input_grad_tvmscript``)
+
+The weight gradient broadcasts one input value into the L output lanes of dY, like the forward.
+The input gradient multiplies dY's L lanes by the entry's L weights and sums the lanes (a shuffle
+tree): the output channels of a block share the pattern, so its reduction is the dense direction.
+For stride s, the input pixels split into s x s parity classes; in each, a tap either never or
+always reaches an output pixel, at a unit-stride offset, so each class is a stride-1 gather.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .conv_kernels import ATTRS, ConvSpec, _scratch_copy, _check_geometry
+
+
+def transposed_entries(ptr: np.ndarray, coff: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
+    """The forward entries (sorted by output block, tap group) re-sorted by (input channel, tap
+    group): (ptrT (IC * G + 1,), obT (NK,), kfw (NK,)) as the input-gradient kernel reads them."""
+    groups, channels = len(spec.groups), spec.in_channels
+    owner = np.repeat(np.arange(spec.out_blocks * groups), np.diff(ptr))  # ob * G + g of each entry
+    entries = int(ptr[-1])
+    ob, g, ic = owner // groups, owner % groups, coff[:entries]
+    order = np.lexsort((ob, g, ic))  # by ic, then group, then block
+    counts = np.bincount(ic * groups + g, minlength=channels * groups)
+    ptr_t = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    if not entries:  # buffers keep one element
+        return ptr_t, np.zeros(1, np.int32), np.zeros(1, np.int32)
+    return ptr_t, ob[order].astype(np.int32), order.astype(np.int32)
+
+
+def _signature(name: str, params: list[str]) -> list[str]:
+    return ["@T.prim_func", f"def {name}({', '.join(params)}):", "    " + ATTRS.format(name=name)]
+
+
+def _check_training_spec(spec: ConvSpec) -> None:
+    _check_geometry(spec)
+    if spec.in_lanes != spec.in_channels or not spec.channels_last_out or spec.epilogue:
+        raise ValueError("training kernels read channels_last: in_lanes = in_channels, channels_last_out, "
+                         "no epilogue")
+    if any(len(g) != len(spec.groups[0]) for g in spec.groups):
+        raise ValueError("every tap group of one conv must have the same number of taps")
+
+
+def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, chunk: int = 4) -> str:
+    """TVMScript of dwv = d(loss)/d(wv): X (N, H, W, IC), dY (N, OH, OW, OCp), ptr, coff -> dwv.
+
+    A job is one (output block, tap group); it runs its entries ``chunk`` at a time (the last
+    chunk shifted back onto the range's end, recomputing an entry with the same result), keeping
+    chunk x T vector accumulators while it streams every pixel of the batch: each dY vector load
+    feeds chunk x T FMAs, each with one broadcast input value."""
+    _check_training_spec(spec)
+    (sh, sw), (dh, dw), lanes, n_ = spec.stride, spec.dilation, spec.lanes, spec.batch
+    (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
+    ic, ocb, ngroups, taps = spec.in_channels, spec.out_blocks, len(spec.groups), len(spec.groups[0])
+    entries, ocp = max(spec.entries, 1), spec.out_blocks * spec.lanes
+    size = n_ * spec.height * spec.width * ic
+    lines = _signature(name, [f"X: T.Buffer(({n_}, {spec.height}, {spec.width}, {ic}), 'float32')",
+                              f"dY: T.Buffer(({n_}, {oh}, {ow}, {ocp}), 'float32')",
+                              f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
+                              f"coff: T.Buffer(({entries},), 'int32')",
+                              f"dwv: T.Buffer(({entries * taps * lanes},), 'float32')"])
+    lines.append(f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)")
+    source = "Xf"
+    if spec.padded:
+        lines += _scratch_copy(n_, spec.height, spec.width, ic, spec.padding, ph, pw)
+        source = "Xp"
+    plane = ph * pw * ic
+    lines += [f"    for job in T.parallel({ocb * ngroups}):",
+              f"        ob: T.let = job // {ngroups}",
+              f"        start: T.let = ptr[job]",
+              f"        end: T.let = ptr[job + 1]",
+              f"        for c in range((end - start + {chunk - 1}) // {chunk}):"]
+    for e in range(chunk):
+        lines += [f"            k{e}: T.let = T.min(start + c * {chunk} + {e}, end - 1)",
+                  f"            b{e}: T.let = coff[k{e}]",
+                  f"            acc{e} = T.alloc_buffer(({taps}, {lanes}), 'float32')",
+                  f"            for t in T.unroll({taps}):",
+                  f"                for l in T.vectorized({lanes}):",
+                  f"                    acc{e}[t, l] = T.float32(0)"]
+    for g, group in enumerate(spec.groups):
+        lines += [f"            if job % {ngroups} == {g}:",
+                  f"                for n, y, x in T.grid({n_}, {oh}, {ow}):",
+                  f"                    pix: T.let = n * {plane} + (y * {sh * pw} + x * {sw}) * {ic}"]
+        for e in range(chunk):
+            for t, (dy, dx) in enumerate(group):
+                lines += [f"                    for l in T.vectorized({lanes}):",
+                          f"                        acc{e}[{t}, l] = acc{e}[{t}, l] + {source}[pix + b{e} + "
+                          f"{(dy * dh * pw + dx * dw) * ic}] * dY[n, y, x, ob * {lanes} + l]"]
+    for e in range(chunk):
+        lines += [f"            for t in T.unroll({taps}):",
+                  f"                for l in T.vectorized({lanes}):",
+                  f"                    dwv[(k{e} * {taps} + t) * {lanes} + l] = acc{e}[t, l]"]
+    return "\n".join(lines)
+
+
+def _class_offsets(spec: ConvSpec, a: int, length: int, stride: int, pad: int, dilation: int, k: int):
+    """For input rows (or columns) a, a + s, ...: the number of them, and per kernel tap d the
+    unit-stride offset o with output row = i + o, or None where the tap never reaches this class."""
+    count = math.ceil((length - a) / stride) if length > a else 0
+    return count, [((a + pad - d * dilation) // stride if (a + pad - d * dilation) % stride == 0 else None)
+                   for d in range(k)]
+
+
+def conv_input_grad_tvmscript(spec: ConvSpec, name: str) -> str:
+    """TVMScript of dX = d(loss)/dX: dY (N, OH, OW, OCp), ptrT, obT, kfw, wv -> dX (N, H, W, IC).
+
+    dY is first copied into a zero-padded scratch so that every tap of every class reads inside it.
+    A job is (image, parity class, band of RY rows); per XW-column tile and input channel, RY x XW
+    vector accumulators gather entry weights x dY lanes over the channel's entries, then each sums
+    its lanes into one dX value."""
+    _check_training_spec(spec)
+    (kh, kw), (sh, sw), (dh, dw), lanes, n_ = spec.kernel, spec.stride, spec.dilation, spec.lanes, spec.batch
+    (oh, ow), (pt, pl, _, _) = spec.out_hw, spec.padding
+    ic, ngroups, taps = spec.in_channels, len(spec.groups), len(spec.groups[0])
+    entries, ocp = max(spec.entries, 1), spec.out_blocks * spec.lanes
+    classes = []
+    for a in range(sh):
+        rows, offs_y = _class_offsets(spec, a, spec.height, sh, pt, dh, kh)
+        for b in range(sw):
+            cols, offs_x = _class_offsets(spec, b, spec.width, sw, pl, dw, kw)
+            if rows and cols:
+                classes.append((a, b, rows, cols, offs_y, offs_x))
+    ys = [(i, o) for _, _, rows, _, offs, _ in classes for o in offs if o is not None for i in (0, rows - 1)]
+    xs = [(j, o) for _, _, _, cols, _, offs in classes for o in offs if o is not None for j in (0, cols - 1)]
+    top = max([0] + [-(i + o) for i, o in ys])
+    bottom = max([0] + [i + o - (oh - 1) for i, o in ys])
+    left = max([0] + [-(j + o) for j, o in xs])
+    right = max([0] + [j + o - (ow - 1) for j, o in xs])
+    qh, qw = oh + top + bottom, ow + left + right
+    plane = qh * qw * ocp
+    lines = _signature(name, [f"dY: T.Buffer(({n_}, {oh}, {ow}, {ocp}), 'float32')",
+                              f"ptrT: T.Buffer(({ic * ngroups + 1},), 'int32')",
+                              f"obT: T.Buffer(({entries},), 'int32')",
+                              f"kfw: T.Buffer(({entries},), 'int32')",
+                              f"wv: T.Buffer(({entries * taps * lanes},), 'float32')",
+                              f"dX: T.Buffer(({n_}, {spec.height}, {spec.width}, {ic}), 'float32')"])
+    lines.append(f"    Xf = T.decl_buffer(({n_ * oh * ow * ocp},), 'float32', data=dY.data)")
+    lines += _scratch_copy(n_, oh, ow, ocp, (top, left, bottom, right), qh, qw)
+    for a, b, rows, cols, offs_y, offs_x in classes:
+        xw, ry = min(spec.tile[0], cols), min(spec.tile[1], rows)
+        row_tiles, col_tiles = math.ceil(rows / ry), math.ceil(cols / xw)
+        lines += [f"    for job in T.parallel({n_ * row_tiles}):",
+                  f"        n: T.let = job // {row_tiles}",
+                  f"        i0: T.let = T.min(job % {row_tiles} * {ry}, {rows - ry})",
+                  f"        for jt in range({col_tiles}):",
+                  f"            j0: T.let = T.min(jt * {xw}, {cols - xw})",
+                  f"            pix: T.let = n * {plane} + ((i0 + {top}) * {qw} + j0 + {left}) * {ocp}",
+                  f"            for c in range({ic}):"]
+        accs = [f"acc{r}" for r in range(ry)]
+        for acc in accs:
+            lines += [f"                {acc} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
+                      f"                for xi in T.unroll({xw}):",
+                      f"                    for l in T.vectorized({lanes}):",
+                      f"                        {acc}[xi, l] = T.float32(0)"]
+        for g, group in enumerate(spec.groups):
+            reach = [(t, offs_y[dy], offs_x[dx]) for t, (dy, dx) in enumerate(group)
+                     if offs_y[dy] is not None and offs_x[dx] is not None]
+            if not reach:
+                continue
+            lines += [f"                for k in range(ptrT[c * {ngroups} + {g}], ptrT[c * {ngroups} + {g + 1}]):",
+                      f"                    w0: T.let = kfw[k] * {taps * lanes}",
+                      f"                    base: T.let = pix + obT[k] * {lanes}"]
+            for t, oy, ox in reach:
+                for r in range(ry):
+                    lines += [f"                    for xi in T.unroll({xw}):",
+                              f"                        for l in T.vectorized({lanes}):",
+                              f"                            {accs[r]}[xi, l] = {accs[r]}[xi, l] + wv[w0 + {t * lanes} + l]"
+                              f" * Xp[base + {((r + oy) * qw + ox) * ocp} + xi * {ocp} + l]"]
+        half = lanes // 2
+        while half:  # shuffle tree: lanes [0, half) += lanes [half, 2 half)
+            for acc in accs:
+                lines += [f"                for xi in T.unroll({xw}):",
+                          f"                    for l in T.vectorized({half}):",
+                          f"                        {acc}[xi, l] = {acc}[xi, l] + {acc}[xi, l + {half}]"]
+            half //= 2
+        for r, acc in enumerate(accs):
+            lines += [f"                for xi in T.unroll({xw}):",
+                      f"                    dX[n, {a} + (i0 + {r}) * {sh}, {b} + (j0 + xi) * {sw}, c] = {acc}[xi, 0]"]
+    return "\n".join(lines)
