@@ -8,6 +8,7 @@ channel) entries are computed: removed weights get no gradient and cost nothing.
 
 Tensors (OCp = OCB * L; the forward reads X (N, H, W, IC) and writes Y (N, OH, OW, OCp)):
   dY    (N, OH, OW, OCp)   output gradient, channels_last (zero in padded lanes)
+  toff  (NK * T,)          per entry and tap, its input offset (``tap_offsets``)
   dwv   (NK * T * L,)      weight gradient in wv's layout (``conv_weight_grad_tvmscript``)
   ptrT  (IC * G + 1,)      entry range of (input channel ic, tap group g), ``transposed_entries``
   obT   (NK,)              output block of each transposed entry
@@ -57,23 +58,37 @@ def _check_training_spec(spec: ConvSpec) -> None:
         raise ValueError("every tap group of one conv must have the same number of taps")
 
 
-def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, chunk: int = 4) -> str:
-    """TVMScript of dwv = d(loss)/d(wv): X (N, H, W, IC), dY (N, OH, OW, OCp), ptr, coff -> dwv.
+def tap_offsets(ptr: np.ndarray, coff: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """toff (NK * T,) int32: per forward entry and tap, the offset in the weight-gradient kernel's
+    (padded) channels_last input of the entry's channel at that tap."""
+    taps, ic, (_, pw), (dh, dw) = len(spec.groups[0]), spec.in_channels, spec.padded_hw, spec.dilation
+    table = np.asarray([[(dy * dh * pw + dx * dw) * ic for dy, dx in g] for g in spec.groups], np.int64)
+    owner = np.repeat(np.arange(spec.out_blocks * len(spec.groups)), np.diff(ptr)) % len(spec.groups)
+    entries = int(ptr[-1])
+    if not entries:
+        return np.zeros(taps, np.int32)
+    return (table[owner] + coff[:entries, None]).reshape(-1).astype(np.int32)
 
-    A job is one (output block, tap group); it runs its entries ``chunk`` at a time (the last
-    chunk shifted back onto the range's end, recomputing an entry with the same result), keeping
-    chunk x T vector accumulators while it streams every pixel of the batch: each dY vector load
-    feeds chunk x T FMAs, each with one broadcast input value."""
+
+def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, chunk: int = 4) -> str:
+    """TVMScript of dwv = d(loss)/d(wv): X (N, H, W, IC), dY (N, OH, OW, OCp), ptr, toff -> dwv.
+
+    A job is ``chunk`` consecutive entries (the last job shifted back onto the end, recomputing
+    entries with the same result), whatever their output blocks and patterns (the tap offsets
+    come from ``tap_offsets``); it keeps chunk x T vector accumulators while it streams every
+    pixel of the batch: per pixel, chunk dY vector loads feed chunk x T FMAs, each with one
+    broadcast input value."""
     _check_training_spec(spec)
-    (sh, sw), (dh, dw), lanes, n_ = spec.stride, spec.dilation, spec.lanes, spec.batch
+    (sh, sw), lanes, n_ = spec.stride, spec.lanes, spec.batch
     (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
     ic, ocb, ngroups, taps = spec.in_channels, spec.out_blocks, len(spec.groups), len(spec.groups[0])
     entries, ocp = max(spec.entries, 1), spec.out_blocks * spec.lanes
+    chunk = min(chunk, entries)
     size = n_ * spec.height * spec.width * ic
     lines = _signature(name, [f"X: T.Buffer(({n_}, {spec.height}, {spec.width}, {ic}), 'float32')",
                               f"dY: T.Buffer(({n_}, {oh}, {ow}, {ocp}), 'float32')",
                               f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
-                              f"coff: T.Buffer(({entries},), 'int32')",
+                              f"toff: T.Buffer(({entries * taps},), 'int32')",
                               f"dwv: T.Buffer(({entries * taps * lanes},), 'float32')"])
     lines.append(f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)")
     source = "Xf"
@@ -81,31 +96,32 @@ def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, chunk: int = 4) -> str
         lines += _scratch_copy(n_, spec.height, spec.width, ic, spec.padding, ph, pw)
         source = "Xp"
     plane = ph * pw * ic
-    lines += [f"    for job in T.parallel({ocb * ngroups}):",
-              f"        ob: T.let = job // {ngroups}",
-              f"        start: T.let = ptr[job]",
-              f"        end: T.let = ptr[job + 1]",
-              f"        for c in range((end - start + {chunk - 1}) // {chunk}):"]
+    lines += [f"    for job in T.parallel({math.ceil(entries / chunk)}):"]
     for e in range(chunk):
-        lines += [f"            k{e}: T.let = T.min(start + c * {chunk} + {e}, end - 1)",
-                  f"            b{e}: T.let = coff[k{e}]",
-                  f"            acc{e} = T.alloc_buffer(({taps}, {lanes}), 'float32')",
-                  f"            for t in T.unroll({taps}):",
-                  f"                for l in T.vectorized({lanes}):",
-                  f"                    acc{e}[t, l] = T.float32(0)"]
-    for g, group in enumerate(spec.groups):
-        lines += [f"            if job % {ngroups} == {g}:",
-                  f"                for n, y, x in T.grid({n_}, {oh}, {ow}):",
-                  f"                    pix: T.let = n * {plane} + (y * {sh * pw} + x * {sw}) * {ic}"]
-        for e in range(chunk):
-            for t, (dy, dx) in enumerate(group):
-                lines += [f"                    for l in T.vectorized({lanes}):",
-                          f"                        acc{e}[{t}, l] = acc{e}[{t}, l] + {source}[pix + b{e} + "
-                          f"{(dy * dh * pw + dx * dw) * ic}] * dY[n, y, x, ob * {lanes} + l]"]
+        # the entry's output block: the number of (block, group) ranges that end at or before it
+        lines += [f"        k{e}: T.let = T.min(job * {chunk} + {e}, {entries - 1})",
+                  f"        ob{e} = T.alloc_buffer((1,), 'int32')",
+                  f"        ob{e}[0] = 0",
+                  f"        for j in range({ocb * ngroups}):",
+                  f"            if ptr[j + 1] <= k{e}:",
+                  f"                ob{e}[0] = (j + 1) // {ngroups}",
+                  f"        o{e}: T.let = ob{e}[0] * {lanes}",
+                  f"        acc{e} = T.alloc_buffer(({taps}, {lanes}), 'float32')",
+                  f"        for t in T.unroll({taps}):",
+                  f"            for l in T.vectorized({lanes}):",
+                  f"                acc{e}[t, l] = T.float32(0)"]
+        lines += [f"        t{e}_{t}: T.let = toff[k{e} * {taps} + {t}]" for t in range(taps)]
+    lines += [f"        for n, y, x in T.grid({n_}, {oh}, {ow}):",
+              f"            pix: T.let = n * {plane} + (y * {sh * pw} + x * {sw}) * {ic}"]
     for e in range(chunk):
-        lines += [f"            for t in T.unroll({taps}):",
-                  f"                for l in T.vectorized({lanes}):",
-                  f"                    dwv[(k{e} * {taps} + t) * {lanes} + l] = acc{e}[t, l]"]
+        for t in range(taps):
+            lines += [f"            for l in T.vectorized({lanes}):",
+                      f"                acc{e}[{t}, l] = acc{e}[{t}, l] + {source}[pix + t{e}_{t}] * "
+                      f"dY[n, y, x, o{e} + l]"]
+    for e in range(chunk):
+        lines += [f"        for t in T.unroll({taps}):",
+                  f"            for l in T.vectorized({lanes}):",
+                  f"                dwv[(k{e} * {taps} + t) * {lanes} + l] = acc{e}[t, l]"]
     return "\n".join(lines)
 
 
@@ -163,33 +179,39 @@ def conv_input_grad_tvmscript(spec: ConvSpec, name: str) -> str:
                   f"            pix: T.let = n * {plane} + ((i0 + {top}) * {qw} + j0 + {left}) * {ocp}",
                   f"            for c in range({ic}):"]
         accs = [f"acc{r}" for r in range(ry)]
+        body = []  # per input channel that some entry uses; the others get zeros
         for acc in accs:
-            lines += [f"                {acc} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
-                      f"                for xi in T.unroll({xw}):",
-                      f"                    for l in T.vectorized({lanes}):",
-                      f"                        {acc}[xi, l] = T.float32(0)"]
+            body += [f"{acc} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
+                     f"for xi in T.unroll({xw}):",
+                     f"    for l in T.vectorized({lanes}):",
+                     f"        {acc}[xi, l] = T.float32(0)"]
         for g, group in enumerate(spec.groups):
             reach = [(t, offs_y[dy], offs_x[dx]) for t, (dy, dx) in enumerate(group)
                      if offs_y[dy] is not None and offs_x[dx] is not None]
             if not reach:
                 continue
-            lines += [f"                for k in range(ptrT[c * {ngroups} + {g}], ptrT[c * {ngroups} + {g + 1}]):",
-                      f"                    w0: T.let = kfw[k] * {taps * lanes}",
-                      f"                    base: T.let = pix + obT[k] * {lanes}"]
+            body += [f"for k in range(ptrT[c * {ngroups} + {g}], ptrT[c * {ngroups} + {g + 1}]):",
+                     f"    w0: T.let = kfw[k] * {taps * lanes}",
+                     f"    base: T.let = pix + obT[k] * {lanes}"]
             for t, oy, ox in reach:
                 for r in range(ry):
-                    lines += [f"                    for xi in T.unroll({xw}):",
-                              f"                        for l in T.vectorized({lanes}):",
-                              f"                            {accs[r]}[xi, l] = {accs[r]}[xi, l] + wv[w0 + {t * lanes} + l]"
-                              f" * Xp[base + {((r + oy) * qw + ox) * ocp} + xi * {ocp} + l]"]
+                    body += [f"    for xi in T.unroll({xw}):",
+                             f"        for l in T.vectorized({lanes}):",
+                             f"            {accs[r]}[xi, l] = {accs[r]}[xi, l] + wv[w0 + {t * lanes} + l]"
+                             f" * Xp[base + {((r + oy) * qw + ox) * ocp} + xi * {ocp} + l]"]
         half = lanes // 2
         while half:  # shuffle tree: lanes [0, half) += lanes [half, 2 half)
             for acc in accs:
-                lines += [f"                for xi in T.unroll({xw}):",
-                          f"                    for l in T.vectorized({half}):",
-                          f"                        {acc}[xi, l] = {acc}[xi, l] + {acc}[xi, l + {half}]"]
+                body += [f"for xi in T.unroll({xw}):",
+                         f"    for l in T.vectorized({half}):",
+                         f"        {acc}[xi, l] = {acc}[xi, l] + {acc}[xi, l + {half}]"]
             half //= 2
         for r, acc in enumerate(accs):
-            lines += [f"                for xi in T.unroll({xw}):",
-                      f"                    dX[n, {a} + (i0 + {r}) * {sh}, {b} + (j0 + xi) * {sw}, c] = {acc}[xi, 0]"]
+            body += [f"for xi in T.unroll({xw}):",
+                     f"    dX[n, {a} + (i0 + {r}) * {sh}, {b} + (j0 + xi) * {sw}, c] = {acc}[xi, 0]"]
+        lines += [f"                if ptrT[c * {ngroups}] == ptrT[c * {ngroups} + {ngroups}]:"]
+        lines += [f"                    for r, xi in T.grid({ry}, {xw}):",
+                  f"                        dX[n, {a} + (i0 + r) * {sh}, {b} + (j0 + xi) * {sw}, c] = T.float32(0)",
+                  "                else:"]
+        lines += ["                    " + x for x in body]
     return "\n".join(lines)

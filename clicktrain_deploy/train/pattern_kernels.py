@@ -1,0 +1,281 @@
+"""The hard phase on our kernels: pattern-pruned convs as a torch custom op (issue #16).
+
+From the hard prune on, the masks are fixed, so each pattern-pruned conv's forward, input gradient
+and weight gradient can be generated kernels that touch only the kept taps of kept kernel groups
+(``compile.conv_kernels`` / ``compile.train_kernels``, compiled with TVM for the host, once per
+layer and batch size). ``clicktrain::pattern_conv2d`` is an ordinary op to autograd,
+``torch.compile`` and DDP; it reads and writes channels_last tensors (a contiguous NCHW input is
+converted at the boundary, which costs a copy: train with ``schedule.memory_format =
+"channels_last"``). Removed weights get an exactly zero gradient. The op keeps no state beyond
+the weight and its mask, so checkpoints are unchanged.
+
+``install`` swaps the class of each eligible conv for ``PatternKernelConv2d`` (same parameters,
+same state dict), measures ours against torch's conv at the training batch size and keeps ours
+only where it is faster; evaluation (no grad) and other batch sizes compile or fall back as
+recorded in ``LayerDecision``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tvm
+from torch import Tensor, nn
+
+from ..compile.conv_kernels import ConvSpec, choose_tile, compact_weights, conv_tvmscript, library_taps, \
+    pattern_assignment
+from ..compile.targets import TARGETS, WIDE_TILES
+from ..compile.train_kernels import conv_input_grad_tvmscript, conv_weight_grad_tvmscript, tap_offsets, \
+    transposed_entries
+
+
+def host_target() -> tvm.target.Target:
+    """The training host as a TVM target, with the threads torch uses."""
+    return tvm.target.Target({**TARGETS.get("x86")().tvm_target, "num-cores": torch.get_num_threads()})
+
+
+def host_lanes() -> int:
+    return TARGETS.get("x86")().sparse_layouts[0].lanes
+
+
+def ineligible_reason(module: nn.Conv2d, block_size: int, lanes: int) -> str | None:
+    """Why this pattern-pruned conv cannot run on the op (None: it can)."""
+    if module.kernel_size != (3, 3):
+        return f"kernel {module.kernel_size}, not 3x3"
+    if module.groups != 1:
+        return f"groups={module.groups}"
+    if module.bias is not None:
+        return "has a bias"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return f"padding {module.padding!r} ({module.padding_mode})"
+    if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+        return f"weight {module.weight.dtype} on {module.weight.device}, not float32 on the CPU"
+    if module.out_channels % math.gcd(lanes, block_size):
+        return f"{module.out_channels} output channels, not a multiple of {math.gcd(lanes, block_size)} lanes"
+    return None
+
+
+class PatternConvKernels:
+    """The compiled kernels of one pattern-pruned conv and the index tables they read.
+
+    pattern_ids: int (ceil(OC / B), IC), -1 removed; library: bool (K, 9). Lanes: the host's SIMD
+    width cut to divide B (so the lanes of a kernel block share its pattern)."""
+
+    def __init__(self, module: nn.Conv2d, pattern_ids: np.ndarray, library: np.ndarray, block_size: int,
+                 height: int, width: int, lanes: int | None = None) -> None:
+        self.lanes = math.gcd(lanes or host_lanes(), block_size)
+        oc, ic = module.out_channels, module.in_channels
+        assign = pattern_assignment(np.asarray(pattern_ids), block_size, oc, self.lanes)
+        ph, pw = module.padding
+        base = ConvSpec(in_channels=ic, out_channels=oc, height=height, width=width, in_lanes=ic,
+                        lanes=self.lanes, groups=library_taps(np.asarray(library, bool)), entries=0,
+                        stride=module.stride, padding=(ph, pw, ph, pw), dilation=module.dilation,
+                        channels_last_out=True)
+        # the compact layout of the weight's flat indices (+1, so index 0 is told from "outside")
+        taps = np.zeros((oc, ic, 9), np.float32)
+        kernel_ids = np.asarray(pattern_ids)[np.arange(oc) // block_size]
+        for k, row in enumerate(np.asarray(library, bool)):
+            taps[kernel_ids == k] = row
+        flat = (np.arange(oc * ic * 9, dtype=np.float64) + 1).reshape(oc, ic, 9) * taps
+        ptr, coff, where = compact_weights(flat.astype(np.float32).reshape(oc, ic, 3, 3), assign, base)
+        if oc * ic * 9 >= 2 ** 24:
+            raise ValueError(f"conv {oc}x{ic}x3x3 is too large for the float32 index map")
+        self.spec = dataclasses.replace(base, entries=int(ptr[-1]), tile=choose_tile(
+            *base.out_hw, WIDE_TILES))
+        self.out_hw = self.spec.out_hw
+        self.gather = torch.from_numpy(np.maximum(where.astype(np.int64) - 1, 0))
+        self.valid = torch.from_numpy(where > 0)  # padded lanes and empty layers hold no weight
+        ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
+        self.tables = {name: tvm.runtime.tensor(a) for name, a in {
+            "ptr": ptr, "coff": coff, "toff": tap_offsets(ptr, coff, self.spec), "ptrT": ptr_t, "obT": ob_t,
+            "kfw": kfw, "bias": np.zeros((self.spec.out_blocks, self.lanes), np.float32)}.items()}
+        self.out_channels, self.kept_taps = oc, int(self.valid.sum())
+        self._built: dict[int, tuple] = {}
+
+    def kernels(self, batch: int) -> tuple:
+        """(forward, weight gradient, input gradient) for this batch size, compiled on first use."""
+        if batch not in self._built:
+            spec = dataclasses.replace(self.spec, batch=batch)
+            sources = {"forward": conv_tvmscript(spec, "forward"),
+                       "grad_weight": conv_weight_grad_tvmscript(spec, "grad_weight"),
+                       "grad_input": conv_input_grad_tvmscript(spec, "grad_input")}
+            module = tvm.compile(tvm.IRModule({name: tvm.script.from_source(text) for name, text in sources.items()}),
+                                 target=host_target()).jit()
+            self._built[batch] = (module["forward"], module["grad_weight"], module["grad_input"])
+        return self._built[batch]
+
+    def compact(self, weight: Tensor) -> Tensor:
+        """wv: the kept weights in the kernels' compact order (zeros in padded lanes)."""
+        return torch.where(self.valid, weight.detach().reshape(-1)[self.gather], 0.0).contiguous()
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (N, IC, H, W) channels_last -> (N, OC, OH, OW) channels_last."""
+        n = x.shape[0]
+        forward, _, _ = self.kernels(n)
+        y = torch.empty((n, *self.out_hw, self.out_channels), dtype=x.dtype)
+        t = self.tables
+        forward(_tvm(x.permute(0, 2, 3, 1).unsqueeze(1)), t["ptr"], t["coff"], _tvm(self.compact(weight)),
+                t["bias"], _tvm(y))
+        return y.permute(0, 3, 1, 2)
+
+    def backward(self, grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(dX, dW) for dY = ``grad``; dW is zero outside the kept taps."""
+        n = x.shape[0]
+        _, grad_weight, grad_input = self.kernels(n)
+        dy = _tvm(grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1))
+        t = self.tables
+        dwv = torch.empty(self.valid.shape, dtype=torch.float32)
+        grad_weight(_tvm(x.permute(0, 2, 3, 1)), dy, t["ptr"], t["toff"], _tvm(dwv))
+        dw = torch.zeros(weight.numel(), dtype=weight.dtype)
+        dw[self.gather[self.valid]] = dwv[self.valid]
+        dx = torch.empty((n, x.shape[2], x.shape[3], x.shape[1]), dtype=x.dtype)
+        grad_input(dy, t["ptrT"], t["obT"], t["kfw"], _tvm(self.compact(weight)), _tvm(dx))
+        return dx.permute(0, 3, 1, 2), dw.view_as(weight)
+
+
+def _tvm(tensor: Tensor):
+    """A zero-copy TVM view of a contiguous torch tensor (the kernels read flat offsets)."""
+    if not tensor.is_contiguous():
+        raise ValueError(f"tensor {tuple(tensor.shape)} is not contiguous in the kernels' layout")
+    return tvm.runtime.from_dlpack(tensor)
+
+
+_LAYERS: list[PatternConvKernels] = []  # the op's layer argument indexes this
+
+
+@torch.library.custom_op("clicktrain::pattern_conv2d", mutates_args=())
+def pattern_conv2d(x: Tensor, weight: Tensor, layer: int) -> Tensor:
+    """The pattern-sparse conv of registered layer ``layer``: channels_last in and out."""
+    return _LAYERS[layer].forward(x.contiguous(memory_format=torch.channels_last), weight)
+
+
+@pattern_conv2d.register_fake
+def _(x: Tensor, weight: Tensor, layer: int) -> Tensor:
+    oh, ow = _LAYERS[layer].out_hw
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("clicktrain::pattern_conv2d_backward", mutates_args=())
+def pattern_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """(input gradient, weight gradient) of ``pattern_conv2d``."""
+    return _LAYERS[layer].backward(grad, x.contiguous(memory_format=torch.channels_last), weight)
+
+
+@pattern_conv2d_backward.register_fake
+def _(grad: Tensor, x: Tensor, weight: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, layer = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.layer = layer
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    dx, dw = pattern_conv2d_backward(grad, x, weight, ctx.layer)
+    return dx, dw, None
+
+
+pattern_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class PatternKernelConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose training forward runs ``pattern_conv2d`` (``install`` sets the class
+    of an existing conv to this, keeping its parameters, hooks and state dict keys)."""
+
+    pattern_layer: int
+    use_pattern_kernels: bool
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.use_pattern_kernels and self.training and torch.is_grad_enabled():
+            return pattern_conv2d(input, weight, self.pattern_layer)
+        return super()._conv_forward(input, weight, bias)
+
+
+@dataclass
+class LayerDecision:
+    """What ``install`` measured for one pattern-pruned conv (ms: median fwd + bwd at the batch)."""
+
+    layer: str
+    used: bool
+    reason: str
+    torch_ms: float | None = None
+    ours_ms: float | None = None
+    kept_taps: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _median_ms(step, rounds: int) -> float:
+    step()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def _input_sizes(model: nn.Module, modules: dict[str, nn.Module], sample: Tensor) -> dict[str, tuple]:
+    """Input (C, H, W) of each named conv on ``sample``."""
+    sizes, hooks = {}, []
+    for name, module in modules.items():
+        hooks.append(module.register_forward_pre_hook(lambda m, args, n=name: sizes.setdefault(n, args[0].shape)))
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(sample)
+            model.train(was)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def install(model: nn.Module, layers: dict[str, tuple[nn.Conv2d, np.ndarray, int]], library: np.ndarray,
+            sample: Tensor, batch: int, rounds: int = 5, force: bool = False) -> list[LayerDecision]:
+    """Put the pattern-pruned convs ``layers`` (name -> (module, pattern_ids (G, IC), block size))
+    on the op where it is faster than torch's conv, fwd + bwd at ``batch`` (``force``: wherever
+    eligible, unmeasured). ``sample``: one input batch of the model, for the convs' map sizes."""
+    sizes = _input_sizes(model, {name: m for name, (m, _, _) in layers.items()}, sample[:1])
+    lanes, decisions = host_lanes(), []
+    memory_format = torch.channels_last if sample.is_contiguous(memory_format=torch.channels_last) \
+        and not sample.is_contiguous() else torch.contiguous_format
+    for name, (module, pattern_ids, block_size) in layers.items():
+        reason = ineligible_reason(module, block_size, lanes)
+        if reason:
+            decisions.append(LayerDecision(name, False, reason))
+            continue
+        _, channels, height, width = sizes[name]
+        kernels = PatternConvKernels(module, pattern_ids, library, block_size, height, width, lanes)
+        _LAYERS.append(kernels)
+        module.__class__ = PatternKernelConv2d
+        module.pattern_layer, module.use_pattern_kernels = len(_LAYERS) - 1, False
+        if force:
+            module.use_pattern_kernels = True
+            decisions.append(LayerDecision(name, True, "forced", kept_taps=kernels.kept_taps))
+            continue
+        x = torch.randn(batch, channels, height, width).contiguous(memory_format=memory_format).requires_grad_()
+        weight = module.weight.detach().clone().requires_grad_()
+        grad = torch.randn(batch, module.out_channels, *kernels.out_hw).contiguous(memory_format=memory_format)
+
+        def step(conv) -> None:
+            conv(x, weight).backward(grad)
+
+        torch_ms = _median_ms(lambda: step(lambda a, w: nn.functional.conv2d(
+            a, w, None, module.stride, module.padding, module.dilation)), rounds)
+        ours_ms = _median_ms(lambda: step(lambda a, w: pattern_conv2d(a, w, module.pattern_layer)), rounds)
+        module.use_pattern_kernels = ours_ms < torch_ms
+        decisions.append(LayerDecision(name, module.use_pattern_kernels, "faster" if module.use_pattern_kernels
+                                       else "torch's conv is faster", round(torch_ms, 3), round(ours_ms, 3),
+                                       kernels.kept_taps))
+    return decisions
