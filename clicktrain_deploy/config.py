@@ -166,6 +166,12 @@ class ScheduleConfig(_Strict):
     # at peak ``restart_lr`` (default ``lr``): pruning after training restarts it per phase.
     restarts: list[int] = []
     restart_lr: float | None = Field(None, gt=0)
+    # Activation layout in training: torch's CPU convs and BatchNorm run faster channels_last,
+    # and the pattern kernels read it without a copy at their boundary.
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    # From the hard prune on, run each pattern-pruned conv on our generated kernels (forward and
+    # both gradients) where a measurement at the hard prune finds them faster than torch's conv.
+    sparse_kernels: bool = False
 
     @field_validator("restarts")
     @classmethod

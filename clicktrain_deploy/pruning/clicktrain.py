@@ -10,6 +10,7 @@ import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -395,6 +396,13 @@ class ClickTrainPruner:
 
     def report(self, model: nn.Module) -> SparsityReport:
         return sparsity_report(model, self.masks, self.library)
+
+    def pattern_layers(self) -> dict[str, tuple[nn.Conv2d, np.ndarray, int]]:
+        """Once hard: per pruned conv, (module, pattern ids int (G, C_in) with -1 removed, block
+        size), what the training kernels need; empty before the hard prune (masks still move)."""
+        if not self.hard:
+            return {}
+        return {l.name: (l.module, self.masks[l.name].pattern_ids.numpy(), l.block_size) for l in self.layers}
 
     def state_dict(self) -> dict:
         """Library, masks and phase; enough to rebuild the pruner on the same model."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -201,7 +200,8 @@ class PatternKernelConv2d(nn.Conv2d):
 
 @dataclass
 class LayerDecision:
-    """What ``install`` measured for one pattern-pruned conv (ms: median fwd + bwd at the batch)."""
+    """What ``install`` measured for one pattern-pruned conv (ms: fwd + bwd at the training batch,
+    the fastest of interleaved rounds)."""
 
     layer: str
     used: bool
@@ -214,21 +214,29 @@ class LayerDecision:
         return dataclasses.asdict(self)
 
 
-def _median_ms(step, rounds: int) -> float:
-    step()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
+def _interleaved_min_ms(steps: dict, rounds: int) -> dict[str, float]:
+    """Per named step, the fastest of ``rounds`` timings taken in turn (after one warm-up each), so
+    that load from elsewhere, which only ever adds time, hits every step alike."""
+    for step in steps.values():
         step()
-        times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(1000 * (time.perf_counter() - started))
+    return {name: min(t) for name, t in times.items()}
 
 
 def _input_sizes(model: nn.Module, modules: dict[str, nn.Module], sample: Tensor) -> dict[str, tuple]:
     """Input (C, H, W) of each named conv on ``sample``."""
     sizes, hooks = {}, []
+
+    def record(name: str, args: tuple) -> None:  # a pre-hook that returns nothing leaves the input
+        sizes.setdefault(name, tuple(args[0].shape))
+
     for name, module in modules.items():
-        hooks.append(module.register_forward_pre_hook(lambda m, args, n=name: sizes.setdefault(n, args[0].shape)))
+        hooks.append(module.register_forward_pre_hook(lambda m, args, n=name: record(n, args)))
     try:
         with torch.no_grad():
             was = model.training
@@ -271,9 +279,11 @@ def install(model: nn.Module, layers: dict[str, tuple[nn.Conv2d, np.ndarray, int
         def step(conv) -> None:
             conv(x, weight).backward(grad)
 
-        torch_ms = _median_ms(lambda: step(lambda a, w: nn.functional.conv2d(
-            a, w, None, module.stride, module.padding, module.dilation)), rounds)
-        ours_ms = _median_ms(lambda: step(lambda a, w: pattern_conv2d(a, w, module.pattern_layer)), rounds)
+        timed = _interleaved_min_ms({
+            "torch": lambda: step(lambda a, w: nn.functional.conv2d(a, w, None, module.stride, module.padding,
+                                                                    module.dilation)),
+            "ours": lambda: step(lambda a, w: pattern_conv2d(a, w, module.pattern_layer))}, rounds)
+        torch_ms, ours_ms = timed["torch"], timed["ours"]
         module.use_pattern_kernels = ours_ms < torch_ms
         decisions.append(LayerDecision(name, module.use_pattern_kernels, "faster" if module.use_pattern_kernels
                                        else "torch's conv is faster", round(torch_ms, 3), round(ours_ms, 3),

@@ -159,7 +159,9 @@ def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Genera
 
 
 # Recipe fields a resume may change: where the run writes and how fast it runs, not what it trains.
-RESUME_IGNORED = ("output_dir", "keep_checkpoints", "schedule.threads", "data.workers")
+# Fields that change neither what is trained nor the batches: a resumed run may change them.
+RESUME_IGNORED = ("output_dir", "keep_checkpoints", "schedule.threads", "data.workers",
+                  "schedule.memory_format", "schedule.sparse_kernels")
 
 
 def _check_resumable(recipe: Recipe, saved: dict, path: str) -> None:
@@ -195,6 +197,10 @@ class _Run:
             recipe.model, len(data.classes), data.input_shape[0],
             shrink=saved.get("base_shrink") if saved else None, load=saved is None)
         check_logits(self.model, data.input_shape, len(data.classes), recipe.model.label)
+        self.memory_format = (torch.channels_last if recipe.schedule.memory_format == "channels_last"
+                              else torch.contiguous_format)
+        self.model.to(memory_format=self.memory_format)
+        self.pattern_kernels: list[dict] | None = None  # what install decided, once hard
         self.net = distributed.wrap(self.model)  # DDP when distributed: what training steps call
         d = recipe.data
         self.train_batches = make_batches(
@@ -256,6 +262,7 @@ class _Run:
         self.net = distributed.wrap(self.model)  # again: a method may have reshaped the model
         if p.distill_alpha and phase != "dense" and self.teacher is None:
             self.teacher = snapshot_teacher(self.model)
+        installed_now = self._install_pattern_kernels(phase)
         mixup = phase == "hard" and p.mixup_alpha > 0
         generator = torch.Generator().manual_seed(recipe.seed * 7_919 + epoch)
         rng = np.random.RandomState(recipe.seed * 7_919 + epoch)
@@ -266,6 +273,7 @@ class _Run:
         progress.reset(task, total=len(self.train_batches), description=f"epoch {epoch} {phase}")
         started = time.perf_counter()
         for inputs, labels in self.train_batches.epoch(epoch):
+            inputs = inputs.contiguous(memory_format=self.memory_format)
             if mixup:
                 inputs, other, lam = _mixup(inputs, labels, p.mixup_alpha, generator, rng)
                 logits = self.net(inputs)
@@ -317,8 +325,26 @@ class _Run:
             "distill_alpha": p.distill_alpha, "distill_temperature": p.distill_temperature,
             "distill_loss": distill_sum / count,
             "bn_recalibration_batches": recipe.schedule.bn_recalibration_batches,
+            "memory_format": recipe.schedule.memory_format,
+            "pattern_kernel_layers": sum(d["used"] for d in self.pattern_kernels or []),
+            **({"pattern_kernels": self.pattern_kernels} if installed_now else {}),
             **(levers() if levers else {}),
         }
+
+    def _install_pattern_kernels(self, phase: str) -> bool:
+        """With ``schedule.sparse_kernels``, at the first hard epoch this process runs: put the
+        pattern-pruned convs on our training kernels where measured faster (``pattern_kernels``
+        holds the per-layer decisions). True when it installed them now."""
+        layers = getattr(self.pruner, "pattern_layers", dict)()
+        if not self.recipe.schedule.sparse_kernels or phase != "hard" or self.pattern_kernels is not None \
+                or not layers:
+            return False
+        from .pattern_kernels import install  # loads TVM: only runs that ask for it
+        sample = next(iter(self.train_batches.epoch(0, limit=1)))[0]
+        decisions = install(self.model, layers, self.pruner.library.numpy(),
+                            sample.contiguous(memory_format=self.memory_format), len(sample))
+        self.pattern_kernels = [d.to_dict() for d in decisions]
+        return True
 
 
 @distributed.in_process_group
