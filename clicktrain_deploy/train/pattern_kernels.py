@@ -147,6 +147,12 @@ def _tvm(tensor: Tensor):
 _LAYERS: list[PatternConvKernels] = []  # the op's layer argument indexes this
 
 
+def register_layer(kernels: PatternConvKernels) -> int:
+    """Make ``kernels`` callable through the op; returns its ``layer`` argument."""
+    _LAYERS.append(kernels)
+    return len(_LAYERS) - 1
+
+
 @torch.library.custom_op("clicktrain::pattern_conv2d", mutates_args=())
 def pattern_conv2d(x: Tensor, weight: Tensor, layer: int) -> Tensor:
     """The pattern-sparse conv of registered layer ``layer``: channels_last in and out."""
@@ -265,9 +271,8 @@ def install(model: nn.Module, layers: dict[str, tuple[nn.Conv2d, np.ndarray, int
             continue
         _, channels, height, width = sizes[name]
         kernels = PatternConvKernels(module, pattern_ids, library, block_size, height, width, lanes)
-        _LAYERS.append(kernels)
         module.__class__ = PatternKernelConv2d
-        module.pattern_layer, module.use_pattern_kernels = len(_LAYERS) - 1, False
+        module.pattern_layer, module.use_pattern_kernels = register_layer(kernels), False
         if force:
             module.use_pattern_kernels = True
             decisions.append(LayerDecision(name, True, "forced", kept_taps=kernels.kept_taps))
