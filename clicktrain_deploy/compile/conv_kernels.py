@@ -379,7 +379,8 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     # Banded: a padded conv whose jobs go rows outer copies, per band of rows, just the padded
     # input rows that band reads into a job-local scratch, which every output block then uses
     # while it is in L2 (the input is read from memory once and no padded copy is written back).
-    banded = spec.padded and chunks == 1 and rows_outer
+    # A batch (training) always runs banded: a padded copy of every image would go through memory.
+    banded = spec.padded and chunks == 1 and (rows_outer or spec.batch > 1)
     lines, source = _prologue(spec, name, icb, li, ocb, [f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
                                                          f"coff: T.Buffer(({entries},), 'int32')",
                                                          f"wv: T.Buffer(({entries * taps * lanes},), 'float32')"],

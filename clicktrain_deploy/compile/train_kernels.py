@@ -16,8 +16,9 @@ Tensors (OCp = OCB * L; the forward reads X (N, H, W, IC) and writes Y (N, OH, O
   dX    (N, H, W, IC)      input gradient, channels_last (``conv_input_grad_tvmscript``)
 
 The weight gradient broadcasts one input value into the L output lanes of dY, like the forward.
-The input gradient multiplies dY's L lanes by the entry's L weights and sums the lanes (a shuffle
-tree): the output channels of a block share the pattern, so its reduction is the dense direction.
+The input gradient multiplies dY's L lanes by the entry's L weights and sums the lanes (a
+transposing reduction, ``_lane_sums``): the output channels of a block share the pattern, so its
+reduction is the dense direction.
 For stride s, the input pixels split into s x s parity classes; in each, a tap either never or
 always reaches an output pixel, at a unit-stride offset, so each class is a stride-1 gather.
 """
@@ -27,7 +28,7 @@ import math
 
 import numpy as np
 
-from .conv_kernels import ATTRS, ConvSpec, _scratch_copy, _check_geometry
+from .conv_kernels import ATTRS, ConvSpec, _check_geometry, _padded_row
 
 
 def transposed_entries(ptr: np.ndarray, coff: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
@@ -70,59 +71,119 @@ def tap_offsets(ptr: np.ndarray, coff: np.ndarray, spec: ConvSpec) -> np.ndarray
     return (table[owner] + coff[:entries, None]).reshape(-1).astype(np.int32)
 
 
-def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, chunk: int = 4) -> str:
+def _image_copy(dst: str, image: str, height: int, width: int, lanes: int, padding, indent: str) -> list[str]:
+    """Statements filling the job-local flat ``dst`` with image ``image`` of Xf (H x W x lanes
+    floats each) zero-padded by (top, left, bottom, right): halo rows zeroed whole, each interior
+    row as a padded row."""
+    pt, pl, pb, pr = padding
+    pw = width + pl + pr
+    size = (height + pt + pb) * pw * lanes
+    lines = [f"{indent}{dst} = T.alloc_buffer(({size},), 'float32')"]
+    for first, rows in ((0, pt), (pt + height, pb)):
+        if rows:
+            lines += [f"{indent}for i in T.vectorized({rows * pw * lanes}):",
+                      f"{indent}    {dst}[{first * pw * lanes} + i] = T.float32(0)"]
+    lines.append(f"{indent}for y in range({height}):")
+    return lines + _padded_row(dst, f"(y + {pt}) * {pw * lanes}", f"({image} * {height} + y) * {width * lanes}",
+                               width, lanes, pl, pr, indent + "    ")
+
+
+def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, parts: int = 1, chunk: int = 4) -> str:
     """TVMScript of dwv = d(loss)/d(wv): X (N, H, W, IC), dY (N, OH, OW, OCp), ptr, toff -> dwv.
 
-    A job is ``chunk`` consecutive entries (the last job shifted back onto the end, recomputing
-    entries with the same result), whatever their output blocks and patterns (the tap offsets
-    come from ``tap_offsets``); it keeps chunk x T vector accumulators while it streams every
-    pixel of the batch: per pixel, chunk dY vector loads feed chunk x T FMAs, each with one
-    broadcast input value."""
+    ``parts`` jobs (the threads) each take every parts-th image: copy it zero-padded into a
+    job-local scratch (it stays in L2), then run all entries over its pixels ``chunk`` at a time,
+    whatever their output blocks and patterns (the tap offsets come from ``tap_offsets``; the
+    last chunk is shifted back onto the end, recomputing an entry with the same result): chunk x
+    T vector accumulators, each pixel's chunk dY vectors feeding chunk x T FMAs with one
+    broadcast input value each, added into the job's partial dwv (in L1: NK x T x L floats).
+    The partials are summed at the end."""
     _check_training_spec(spec)
     (sh, sw), lanes, n_ = spec.stride, spec.lanes, spec.batch
     (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
     ic, ocb, ngroups, taps = spec.in_channels, spec.out_blocks, len(spec.groups), len(spec.groups[0])
     entries, ocp = max(spec.entries, 1), spec.out_blocks * spec.lanes
-    chunk = min(chunk, entries)
-    size = n_ * spec.height * spec.width * ic
+    chunk, parts = min(chunk, entries), max(1, min(parts, n_))
+    size, part = n_ * spec.height * spec.width * ic, entries * taps * lanes
     lines = _signature(name, [f"X: T.Buffer(({n_}, {spec.height}, {spec.width}, {ic}), 'float32')",
                               f"dY: T.Buffer(({n_}, {oh}, {ow}, {ocp}), 'float32')",
                               f"ptr: T.Buffer(({ocb * ngroups + 1},), 'int32')",
                               f"toff: T.Buffer(({entries * taps},), 'int32')",
-                              f"dwv: T.Buffer(({entries * taps * lanes},), 'float32')"])
-    lines.append(f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)")
-    source = "Xf"
+                              f"dwv: T.Buffer(({part},), 'float32')"])
+    lines += [f"    Xf = T.decl_buffer(({size},), 'float32', data=X.data)",
+              f"    partial = T.alloc_buffer(({parts * part},), 'float32')",
+              f"    for p in T.parallel({parts}):",
+              f"        for i in T.vectorized({part}):",
+              f"            partial[p * {part} + i] = T.float32(0)",
+              f"        for m in range({math.ceil(n_ / parts)}):",
+              f"            n: T.let = p + m * {parts}",
+              f"            if n < {n_}:"]
+    ind = "                "
+    source, image = "Xf", f"n * {spec.height * spec.width * ic}"
     if spec.padded:
-        lines += _scratch_copy(n_, spec.height, spec.width, ic, spec.padding, ph, pw)
-        source = "Xp"
-    plane = ph * pw * ic
-    lines += [f"    for job in T.parallel({math.ceil(entries / chunk)}):"]
+        lines += _image_copy("Xn", "n", spec.height, spec.width, ic, spec.padding, ind)
+        source, image = "Xn", "0"
+    lines += [f"{ind}for c in range({math.ceil(entries / chunk)}):"]
+    ind += "    "
     for e in range(chunk):
         # the entry's output block: the number of (block, group) ranges that end at or before it
-        lines += [f"        k{e}: T.let = T.min(job * {chunk} + {e}, {entries - 1})",
-                  f"        ob{e} = T.alloc_buffer((1,), 'int32')",
-                  f"        ob{e}[0] = 0",
-                  f"        for j in range({ocb * ngroups}):",
-                  f"            if ptr[j + 1] <= k{e}:",
-                  f"                ob{e}[0] = (j + 1) // {ngroups}",
-                  f"        o{e}: T.let = ob{e}[0] * {lanes}",
-                  f"        acc{e} = T.alloc_buffer(({taps}, {lanes}), 'float32')",
-                  f"        for t in T.unroll({taps}):",
-                  f"            for l in T.vectorized({lanes}):",
-                  f"                acc{e}[t, l] = T.float32(0)"]
-        lines += [f"        t{e}_{t}: T.let = toff[k{e} * {taps} + {t}]" for t in range(taps)]
-    lines += [f"        for n, y, x in T.grid({n_}, {oh}, {ow}):",
-              f"            pix: T.let = n * {plane} + (y * {sh * pw} + x * {sw}) * {ic}"]
+        lines += [f"{ind}k{e}: T.let = T.min(c * {chunk} + {e}, {entries - 1})",
+                  f"{ind}ob{e} = T.alloc_buffer((1,), 'int32')",
+                  f"{ind}ob{e}[0] = 0",
+                  f"{ind}for j in range({ocb * ngroups}):",
+                  f"{ind}    if ptr[j + 1] <= k{e}:",
+                  f"{ind}        ob{e}[0] = (j + 1) // {ngroups}",
+                  f"{ind}o{e}: T.let = ob{e}[0] * {lanes}",
+                  f"{ind}acc{e} = T.alloc_buffer(({taps}, {lanes}), 'float32')",
+                  f"{ind}for t in T.unroll({taps}):",
+                  f"{ind}    for l in T.vectorized({lanes}):",
+                  f"{ind}        acc{e}[t, l] = partial[p * {part} + (k{e} * {taps} + t) * {lanes} + l]"]
+        lines += [f"{ind}t{e}_{t}: T.let = toff[k{e} * {taps} + {t}]" for t in range(taps)]
+    lines += [f"{ind}for y, x in T.grid({oh}, {ow}):",
+              f"{ind}    pix: T.let = {image} + (y * {sh * pw} + x * {sw}) * {ic}"]
     for e in range(chunk):
         for t in range(taps):
-            lines += [f"            for l in T.vectorized({lanes}):",
-                      f"                acc{e}[{t}, l] = acc{e}[{t}, l] + {source}[pix + t{e}_{t}] * "
+            lines += [f"{ind}    for l in T.vectorized({lanes}):",
+                      f"{ind}        acc{e}[{t}, l] = acc{e}[{t}, l] + {source}[pix + t{e}_{t}] * "
                       f"dY[n, y, x, o{e} + l]"]
     for e in range(chunk):
-        lines += [f"        for t in T.unroll({taps}):",
-                  f"            for l in T.vectorized({lanes}):",
-                  f"                dwv[(k{e} * {taps} + t) * {lanes} + l] = acc{e}[t, l]"]
+        lines += [f"{ind}for t in T.unroll({taps}):",
+                  f"{ind}    for l in T.vectorized({lanes}):",
+                  f"{ind}        partial[p * {part} + (k{e} * {taps} + t) * {lanes} + l] = acc{e}[t, l]"]
+    lines += [f"    for i in T.vectorized({part}):",
+              "        dwv[i] = " + " + ".join(f"partial[{q * part} + i]" for q in range(parts))]
     return "\n".join(lines)
+
+
+def _lane_sums(vectors: list[tuple[str, str]], lanes: int) -> list[str]:
+    """Statements storing the sum of the lanes of each vector (TIR text of an L-lane value) into
+    its target (TIR text of a scalar element): a transposing reduction, in which each level adds
+    the two halves of every lane segment of two vectors into one vector (two shuffles and one add
+    per pair), so L vectors take L - 1 adds instead of L x log2(L) (one tree per vector)."""
+    zero = f"T.Broadcast(T.float32(0), {lanes})"
+    items = [(vector, [target] * lanes) for vector, target in vectors]  # value, lane -> owner
+    items += [(zero, [None] * lanes)] * (-len(items) % lanes)
+    lines, segment, level = [], lanes, 0
+    while segment > 1:
+        half, merged = segment // 2, []
+        for q in range(len(items) // 2):
+            (va, oa), (vb, ob) = items[2 * q], items[2 * q + 1]
+            first, owners = [], []
+            for seg in range(lanes // segment):
+                first += [seg * segment + j for j in range(half)] + [lanes + seg * segment + j for j in range(half)]
+                owners += [oa[seg * segment + j] for j in range(half)] + [ob[seg * segment + j] for j in range(half)]
+            second = [i + half for i in first]
+            name = f"red{level}_{q}"
+            lines += [f"{name} = T.alloc_buffer(({lanes},), 'float32')",
+                      f"{name}[T.ramp(0, 1, {lanes})] = T.Shuffle([{va}, {vb}], {first}) + "
+                      f"T.Shuffle([{va}, {vb}], {second})"]
+            merged.append((f"{name}[T.ramp(0, 1, {lanes})]", owners))
+        items, segment, level = merged, half, level + 1
+    for q, (value, owners) in enumerate(items):
+        for lane, target in enumerate(owners):
+            if target is not None:
+                lines.append(f"{target} = {value.replace(f'T.ramp(0, 1, {lanes})', str(lane))}")
+    return lines
 
 
 def _class_offsets(spec: ConvSpec, a: int, length: int, stride: int, pad: int, dilation: int, k: int):
@@ -136,10 +197,10 @@ def _class_offsets(spec: ConvSpec, a: int, length: int, stride: int, pad: int, d
 def conv_input_grad_tvmscript(spec: ConvSpec, name: str) -> str:
     """TVMScript of dX = d(loss)/dX: dY (N, OH, OW, OCp), ptrT, obT, kfw, wv -> dX (N, H, W, IC).
 
-    dY is first copied into a zero-padded scratch so that every tap of every class reads inside it.
-    A job is (image, parity class, band of RY rows); per XW-column tile and input channel, RY x XW
-    vector accumulators gather entry weights x dY lanes over the channel's entries, then each sums
-    its lanes into one dX value."""
+    A job is one image: its dY is copied into a job-local zero-padded scratch (in L2) so that every
+    tap of every class reads inside it; then per parity class, RY x XW tile and input channel,
+    RY x XW vector accumulators gather entry weights x dY lanes over the channel's entries, and
+    each sums its lanes into one dX value (channels no entry uses get zeros)."""
     _check_training_spec(spec)
     (kh, kw), (sh, sw), (dh, dw), lanes, n_ = spec.kernel, spec.stride, spec.dilation, spec.lanes, spec.batch
     (oh, ow), (pt, pl, _, _) = spec.out_hw, spec.padding
@@ -158,26 +219,25 @@ def conv_input_grad_tvmscript(spec: ConvSpec, name: str) -> str:
     bottom = max([0] + [i + o - (oh - 1) for i, o in ys])
     left = max([0] + [-(j + o) for j, o in xs])
     right = max([0] + [j + o - (ow - 1) for j, o in xs])
-    qh, qw = oh + top + bottom, ow + left + right
-    plane = qh * qw * ocp
+    qw = ow + left + right
     lines = _signature(name, [f"dY: T.Buffer(({n_}, {oh}, {ow}, {ocp}), 'float32')",
                               f"ptrT: T.Buffer(({ic * ngroups + 1},), 'int32')",
                               f"obT: T.Buffer(({entries},), 'int32')",
                               f"kfw: T.Buffer(({entries},), 'int32')",
                               f"wv: T.Buffer(({entries * taps * lanes},), 'float32')",
                               f"dX: T.Buffer(({n_}, {spec.height}, {spec.width}, {ic}), 'float32')"])
-    lines.append(f"    Xf = T.decl_buffer(({n_ * oh * ow * ocp},), 'float32', data=dY.data)")
-    lines += _scratch_copy(n_, oh, ow, ocp, (top, left, bottom, right), qh, qw)
+    lines += [f"    Xf = T.decl_buffer(({n_ * oh * ow * ocp},), 'float32', data=dY.data)",
+              f"    for n in T.parallel({n_}):"]
+    lines += _image_copy("Xp", "n", oh, ow, ocp, (top, left, bottom, right), "        ")
     for a, b, rows, cols, offs_y, offs_x in classes:
         xw, ry = min(spec.tile[0], cols), min(spec.tile[1], rows)
         row_tiles, col_tiles = math.ceil(rows / ry), math.ceil(cols / xw)
-        lines += [f"    for job in T.parallel({n_ * row_tiles}):",
-                  f"        n: T.let = job // {row_tiles}",
-                  f"        i0: T.let = T.min(job % {row_tiles} * {ry}, {rows - ry})",
-                  f"        for jt in range({col_tiles}):",
-                  f"            j0: T.let = T.min(jt * {xw}, {cols - xw})",
-                  f"            pix: T.let = n * {plane} + ((i0 + {top}) * {qw} + j0 + {left}) * {ocp}",
-                  f"            for c in range({ic}):"]
+        lines += [f"        for it in range({row_tiles}):",
+                  f"            i0: T.let = T.min(it * {ry}, {rows - ry})",
+                  f"            for jt in range({col_tiles}):",
+                  f"                j0: T.let = T.min(jt * {xw}, {cols - xw})",
+                  f"                pix: T.let = ((i0 + {top}) * {qw} + j0 + {left}) * {ocp}",
+                  f"                for c in range({ic}):"]
         accs = [f"acc{r}" for r in range(ry)]
         body = []  # per input channel that some entry uses; the others get zeros
         for acc in accs:
@@ -199,19 +259,12 @@ def conv_input_grad_tvmscript(spec: ConvSpec, name: str) -> str:
                              f"        for l in T.vectorized({lanes}):",
                              f"            {accs[r]}[xi, l] = {accs[r]}[xi, l] + wv[w0 + {t * lanes} + l]"
                              f" * Xp[base + {((r + oy) * qw + ox) * ocp} + xi * {ocp} + l]"]
-        half = lanes // 2
-        while half:  # shuffle tree: lanes [0, half) += lanes [half, 2 half)
-            for acc in accs:
-                body += [f"for xi in T.unroll({xw}):",
-                         f"    for l in T.vectorized({half}):",
-                         f"        {acc}[xi, l] = {acc}[xi, l] + {acc}[xi, l + {half}]"]
-            half //= 2
-        for r, acc in enumerate(accs):
-            body += [f"for xi in T.unroll({xw}):",
-                     f"    dX[n, {a} + (i0 + {r}) * {sh}, {b} + (j0 + xi) * {sw}, c] = {acc}[xi, 0]"]
-        lines += [f"                if ptrT[c * {ngroups}] == ptrT[c * {ngroups} + {ngroups}]:"]
-        lines += [f"                    for r, xi in T.grid({ry}, {xw}):",
-                  f"                        dX[n, {a} + (i0 + r) * {sh}, {b} + (j0 + xi) * {sw}, c] = T.float32(0)",
-                  "                else:"]
-        lines += ["                    " + x for x in body]
+        body += _lane_sums([(f"{accs[r]}[{xi}, T.ramp(0, 1, {lanes})]",
+                             f"dX[n, {a} + (i0 + {r}) * {sh}, {b} + (j0 + {xi}) * {sw}, c]")
+                            for r in range(ry) for xi in range(xw)], lanes)
+        lines += [f"                    if ptrT[c * {ngroups}] == ptrT[c * {ngroups} + {ngroups}]:",
+                  f"                        for r, xi in T.grid({ry}, {xw}):",
+                  f"                            dX[n, {a} + (i0 + r) * {sh}, {b} + (j0 + xi) * {sw}, c] = T.float32(0)",
+                  "                    else:"]
+        lines += ["                        " + x for x in body]
     return "\n".join(lines)

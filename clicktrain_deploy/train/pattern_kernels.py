@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ from ..compile.train_kernels import conv_input_grad_tvmscript, conv_weight_grad_
 def host_target() -> tvm.target.Target:
     """The training host as a TVM target, with the threads torch uses."""
     return tvm.target.Target({**TARGETS.get("x86")().tvm_target, "num-cores": torch.get_num_threads()})
+
+
+def _share_torch_threads() -> None:
+    """Before TVM's thread pool starts (first parallel kernel call): as many threads as torch's,
+    not pinned to cores (two training processes sharing a machine would pin to the same ones)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def host_lanes() -> int:
@@ -99,9 +107,10 @@ class PatternConvKernels:
     def kernels(self, batch: int) -> tuple:
         """(forward, weight gradient, input gradient) for this batch size, compiled on first use."""
         if batch not in self._built:
+            _share_torch_threads()
             spec = dataclasses.replace(self.spec, batch=batch)
             sources = {"forward": conv_tvmscript(spec, "forward"),
-                       "grad_weight": conv_weight_grad_tvmscript(spec, "grad_weight"),
+                       "grad_weight": conv_weight_grad_tvmscript(spec, "grad_weight", parts=torch.get_num_threads()),
                        "grad_input": conv_input_grad_tvmscript(spec, "grad_input")}
             module = tvm.compile(tvm.IRModule({name: tvm.script.from_source(text) for name, text in sources.items()}),
                                  target=host_target()).jit()
