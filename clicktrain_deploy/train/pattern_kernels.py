@@ -97,6 +97,8 @@ class PatternConvKernels:
         self.out_hw = self.spec.out_hw
         self.gather = torch.from_numpy(np.maximum(where.astype(np.int64) - 1, 0))
         self.valid = torch.from_numpy(where > 0)  # padded lanes and empty layers hold no weight
+        self.kept_positions = torch.nonzero(self.valid).flatten()  # in wv
+        self.kept_weights = self.gather[self.kept_positions]  # in the flat weight
         ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
         self.tables = {name: tvm.runtime.tensor(a) for name, a in {
             "ptr": ptr, "coff": coff, "toff": tap_offsets(ptr, coff, self.spec), "ptrT": ptr_t, "obT": ob_t,
@@ -140,7 +142,7 @@ class PatternConvKernels:
         dwv = torch.empty(self.valid.shape, dtype=torch.float32)
         grad_weight(_tvm(x.permute(0, 2, 3, 1)), dy, t["ptr"], t["toff"], _tvm(dwv))
         dw = torch.zeros(weight.numel(), dtype=weight.dtype)
-        dw[self.gather[self.valid]] = dwv[self.valid]
+        dw[self.kept_weights] = dwv[self.kept_positions]
         dx = torch.empty((n, x.shape[2], x.shape[3], x.shape[1]), dtype=x.dtype)
         grad_input(dy, t["ptrT"], t["obT"], t["kfw"], _tvm(self.compact(weight)), _tvm(dx))
         return dx.permute(0, 3, 1, 2), dw.view_as(weight)
