@@ -161,6 +161,12 @@ STUDIES: list[Study] = [
         *(Row(f"pt10-ratio-{r}", {"pruning.prunetrain.penalty_ratio": r}, recipe=PRUNETRAIN)
           for r in (0.2, 0.4, 0.6, 0.8)),
     )),
+    Study("sparse_training", "Issue #16: whole 10-epoch runs, channels_last, dense vs ClickTrain with the "
+          "hard phase on our kernels, run side by side, seed 0", (
+        Row("s10-dense-cl", {**DENSE, "schedule.memory_format": "channels_last"}),
+        Row("s10-clicktrain-kernels", {"schedule.memory_format": "channels_last", "schedule.sparse_kernels": True},
+            note="main recipe; pattern convs on our kernels from the hard prune where measured faster"),
+    )),
 ]
 
 

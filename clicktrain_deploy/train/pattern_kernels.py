@@ -41,9 +41,14 @@ def host_target() -> tvm.target.Target:
 
 def _share_torch_threads() -> None:
     """Before TVM's thread pool starts (first parallel kernel call): as many threads as torch's,
-    not pinned to cores (two training processes sharing a machine would pin to the same ones)."""
+    not pinned to cores (two training processes sharing a machine would pin to the same ones),
+    and sleeping as soon as a kernel ends: spinning workers take the cores from torch's threads
+    between our kernels. Torch's OpenMP threads spin likewise between torch's ops unless the
+    process starts with OMP_WAIT_POLICY=PASSIVE, which slows torch's own ops (measured in
+    benchmarks/results/sparse_training_t2*.md); at 1 thread neither matters."""
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def host_lanes() -> int:
