@@ -297,8 +297,8 @@ def install(model: nn.Module, layers: dict[str, tuple[nn.Conv2d, np.ndarray, int
         weight = module.weight.detach().clone().requires_grad_()
         grad = torch.randn(batch, module.out_channels, *kernels.out_hw).contiguous(memory_format=memory_format)
 
-        def step(conv) -> None:
-            conv(x, weight).backward(grad)
+        def step(conv) -> None:  # both gradients, returned as in a network (not accumulated into leaves)
+            torch.autograd.grad(conv(x, weight), (x, weight), grad)
 
         timed = _interleaved_min_ms({
             "torch": lambda: step(lambda a, w: nn.functional.conv2d(a, w, None, module.stride, module.padding,
