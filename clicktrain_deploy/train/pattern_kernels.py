@@ -3,8 +3,8 @@
 From the hard prune on, the masks are fixed, so each pattern-pruned conv's forward, input gradient
 and weight gradient can be generated kernels that touch only the kept taps of kept kernel groups
 (``compile.conv_kernels`` / ``compile.train_kernels``, compiled with TVM for the host, once per
-layer and batch size). ``clicktrain::pattern_conv2d`` is an ordinary op to autograd,
-``torch.compile`` and DDP; it reads and writes channels_last tensors (a contiguous NCHW input is
+layer and batch size). ``clicktrain::pattern_conv2d`` is a registered custom op with an autograd
+formula and a fake kernel (what ``torch.compile`` and DDP need); it reads and writes channels_last tensors (a contiguous NCHW input is
 converted at the boundary, which costs a copy: train with ``schedule.memory_format =
 "channels_last"``). Removed weights get an exactly zero gradient. The op keeps no state beyond
 the weight and its mask, so checkpoints are unchanged.
