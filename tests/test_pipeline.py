@@ -19,7 +19,7 @@ import yaml
 from onnx import numpy_helper
 
 from clicktrain_deploy.compile.targets import NEON_DENSE, NEON_SPARSE, TARGETS, TargetSpec
-from clicktrain_deploy.config import load_recipe
+from clicktrain_deploy.config import load_recipe, parse_recipe
 from clicktrain_deploy.pipeline import STAGES as STAGE_KINDS, PipelineError, plan, run_pipeline
 from clicktrain_deploy.pipeline import state as pipeline_state
 from clicktrain_deploy.pipeline.runner import stage_digest
@@ -218,15 +218,24 @@ def test_targets_validate_by_how_they_run():
 
 
 def test_stage_code_is_what_its_factory_imports_transitively():
-    def closure(kind: str) -> set[str]:
+    def closure(kind: str, exclude=frozenset()) -> set[str]:
         factory = STAGE_KINDS.get(kind)
         return set(pipeline_state.code_closure(pipeline_state.factory_entries(factory),
-                                               shallow=frozenset({factory.__module__})))
+                                               shallow=frozenset({factory.__module__}), exclude=exclude))
 
     kernels, template = "clicktrain_deploy.compile.conv_kernels", "clicktrain_deploy.report/template.html.j2"
+    training_kernels = frozenset({"clicktrain_deploy.train.pattern_kernels"})
     assert {"clicktrain_deploy.train.trainer", "clicktrain_deploy.pruning.clicktrain",
-            "clicktrain_deploy.models.resnet"} <= closure("train")
-    assert kernels not in closure("train") and kernels not in closure("export")
+            "clicktrain_deploy.models.resnet"} <= closure("train", training_kernels)
+    # training runs the kernel generators only with schedule.sparse_kernels (the stage says so)
+    assert kernels not in closure("train", training_kernels) and kernels not in closure("export", training_kernels)
+    assert {kernels, "clicktrain_deploy.compile.train_kernels"} <= closure("train")
+    recipe = parse_recipe({"schedule": {"sparse_kernels": False}})
+    folder = RunFolder(Path("unused"))
+    assert STAGE_KINDS.get("train")(recipe, folder).unused_code == training_kernels
+    recipe = parse_recipe({"schedule": {"sparse_kernels": True}})
+    assert STAGE_KINDS.get("train")(recipe, folder).unused_code == frozenset()
+    assert all(stage.unused_code == training_kernels for stage in plan(recipe)[1:])
     assert {kernels, "clicktrain_deploy.compile.build", "clicktrain_deploy.compile.targets"} <= closure("compile")
     assert {kernels, "clicktrain_deploy.compile.arm/runner.cc"} <= closure("benchmark")
     assert template in closure("report") and template not in closure("compile")

@@ -72,14 +72,15 @@ def _select(stages: list[Stage], until: str | None) -> list[Stage]:
 
 def stage_digest(stage: Stage, folder: RunFolder, codes: dict[str, str] | None = None) -> tuple[str, str]:
     """(inputs hash, code digest) of ``stage`` now: what ``pipeline.json`` compares to skip it.
-    ``codes`` caches code digests per stage kind."""
+    ``codes`` caches code digests per stage kind and unused code."""
     codes = {} if codes is None else codes
-    if stage.kind not in codes:
-        codes[stage.kind] = code_digest(STAGES.get(stage.kind))
+    key = f"{stage.kind}-{'-'.join(sorted(stage.unused_code))}"
+    if key not in codes:
+        codes[key] = code_digest(STAGES.get(stage.kind), exclude=stage.unused_code)
     # files of the run folder by their name in it; others (a user's model file and weights, which
     # need not lie under output_dir) by their absolute path
     reads = {str(p.relative_to(folder.root) if p.is_relative_to(folder.root) else p): p for p in stage.reads}
-    return inputs_digest(stage.settings, reads, codes[stage.kind]), codes[stage.kind]
+    return inputs_digest(stage.settings, reads, codes[key]), codes[key]
 
 
 def run_pipeline(recipe: Recipe, *, until: str | None = None, progress: bool = True,

@@ -98,19 +98,20 @@ def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
 
 
 def code_closure(entries: list[str], dirs: dict[str, Path] | None = None,
-                 shallow: frozenset[str] = frozenset()) -> dict[str, Path]:
+                 shallow: frozenset[str] = frozenset(), exclude: frozenset[str] = frozenset()) -> dict[str, Path]:
     """Every source file of the package that running ``entries`` (module names) may execute:
     the static import closure, parent packages' ``__init__`` and each package's non-Python
     sources (``SOURCE_SUFFIXES``), by a name relative to its package folder. Of the modules in
     ``shallow`` only the module-level imports are followed (``pipeline.stages``: each factory
-    imports its own stage's code)."""
+    imports its own stage's code); modules in ``exclude`` (code the stage's settings never run, and
+    what only they import) are left out."""
     dirs = dirs if dirs is not None else package_dirs()
     files: dict[str, Path] = {}
     seen: set[str] = set()
     todo = list(entries)
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name in exclude:
             continue
         seen.add(name)
         path = module_file(name, dirs)
@@ -150,11 +151,13 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def code_digest(factory: Callable, dirs: dict[str, Path] | None = None) -> str:
-    """sha256 over the source files the stage ``factory`` builds runs (``code_closure``) and
-    ``library_versions()``: what, besides its settings and input files, decides its output."""
+def code_digest(factory: Callable, dirs: dict[str, Path] | None = None,
+                exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 over the source files the stage ``factory`` builds runs (``code_closure``, less
+    ``exclude``) and ``library_versions()``: what, besides its settings and input files, decides
+    its output."""
     sha = hashlib.sha256()
-    closure = code_closure(factory_entries(factory), dirs, shallow=frozenset({factory.__module__}))
+    closure = code_closure(factory_entries(factory), dirs, shallow=frozenset({factory.__module__}), exclude=exclude)
     for name, path in closure.items():
         sha.update(f"{name}\0{file_digest(path)}\0".encode())
     sha.update(json.dumps(library_versions(), sort_keys=True).encode())
