@@ -17,6 +17,7 @@ recorded in ``LayerDecision``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -53,6 +54,20 @@ def _share_torch_threads() -> None:
 
 def host_lanes() -> int:
     return TARGETS.get("x86")().sparse_layouts[0].lanes
+
+
+@functools.cache
+def compiled_kernels(spec: ConvSpec, threads: int) -> tuple:
+    """The three kernels of ``spec``, compiled for the host on first use. The masks are runtime
+    tables, so layers of one shape and kept-entry count (every same-shape layer under a uniform
+    ratio) share one build: ResNet-20's 18 pattern convs need 5."""
+    _share_torch_threads()
+    sources = {"forward": conv_tvmscript(spec, "forward"),
+               "grad_weight": conv_weight_grad_tvmscript(spec, "grad_weight", parts=threads),
+               "grad_input": conv_input_grad_tvmscript(spec, "grad_input")}
+    module = tvm.compile(tvm.IRModule({name: tvm.script.from_source(text) for name, text in sources.items()}),
+                         target=host_target()).jit()
+    return module["forward"], module["grad_weight"], module["grad_input"]
 
 
 def ineligible_reason(module: nn.Conv2d, block_size: int, lanes: int) -> str | None:
@@ -109,20 +124,10 @@ class PatternConvKernels:
             "ptr": ptr, "coff": coff, "toff": tap_offsets(ptr, coff, self.spec), "ptrT": ptr_t, "obT": ob_t,
             "kfw": kfw, "bias": np.zeros((self.spec.out_blocks, self.lanes), np.float32)}.items()}
         self.out_channels, self.kept_taps = oc, int(self.valid.sum())
-        self._built: dict[int, tuple] = {}
 
     def kernels(self, batch: int) -> tuple:
-        """(forward, weight gradient, input gradient) for this batch size, compiled on first use."""
-        if batch not in self._built:
-            _share_torch_threads()
-            spec = dataclasses.replace(self.spec, batch=batch)
-            sources = {"forward": conv_tvmscript(spec, "forward"),
-                       "grad_weight": conv_weight_grad_tvmscript(spec, "grad_weight", parts=torch.get_num_threads()),
-                       "grad_input": conv_input_grad_tvmscript(spec, "grad_input")}
-            module = tvm.compile(tvm.IRModule({name: tvm.script.from_source(text) for name, text in sources.items()}),
-                                 target=host_target()).jit()
-            self._built[batch] = (module["forward"], module["grad_weight"], module["grad_input"])
-        return self._built[batch]
+        """(forward, weight gradient, input gradient) for this batch size (``compiled_kernels``)."""
+        return compiled_kernels(dataclasses.replace(self.spec, batch=batch), torch.get_num_threads())
 
     def compact(self, weight: Tensor) -> Tensor:
         """wv: the kept weights in the kernels' compact order (zeros in padded lanes)."""
