@@ -100,7 +100,7 @@ def conv_weight_grad_tvmscript(spec: ConvSpec, name: str, parts: int = 1, chunk:
     The partials are summed at the end."""
     _check_training_spec(spec)
     (sh, sw), lanes, n_ = spec.stride, spec.lanes, spec.batch
-    (oh, ow), (ph, pw) = spec.out_hw, spec.padded_hw
+    (oh, ow), (_, pw) = spec.out_hw, spec.padded_hw
     ic, ocb, ngroups, taps = spec.in_channels, spec.out_blocks, len(spec.groups), len(spec.groups[0])
     entries, ocp = max(spec.entries, 1), spec.out_blocks * spec.lanes
     chunk, parts = min(chunk, entries), max(1, min(parts, n_))
