@@ -158,7 +158,6 @@ def _mixup(inputs: Tensor, labels: Tensor, alpha: float, generator: torch.Genera
     return lam * inputs + (1 - lam) * inputs[perm], labels[perm], lam
 
 
-# Recipe fields a resume may change: where the run writes and how fast it runs, not what it trains.
 # Fields that change neither what is trained nor the batches: a resumed run may change them.
 RESUME_IGNORED = ("output_dir", "keep_checkpoints", "schedule.threads", "data.workers",
                   "schedule.memory_format", "schedule.sparse_kernels")
