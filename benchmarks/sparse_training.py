@@ -59,7 +59,7 @@ def _variants(recipe, batches, data) -> tuple[dict, list[dict]]:
         name = f"ClickTrain hard, torch, {label}"
         if ours:
             decisions = install(model, hard.pattern_layers(), hard.library.numpy(),
-                                batches[0][0].contiguous(memory_format=fmt), len(batches[0][0]), rounds=7)
+                                batches[0][0], len(batches[0][0]), rounds=7, memory_format=fmt)
             layers = [d.to_dict() for d in decisions]
             name = "ClickTrain hard, our kernels where faster, channels_last"
         variants[name] = (model, optimizer, hard, "hard", fmt)

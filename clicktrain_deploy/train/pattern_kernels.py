@@ -277,14 +277,14 @@ def _input_sizes(model: nn.Module, modules: dict[str, nn.Module], sample: Tensor
 
 
 def install(model: nn.Module, layers: dict[str, tuple[nn.Conv2d, np.ndarray, int]], library: np.ndarray,
-            sample: Tensor, batch: int, rounds: int = 5, force: bool = False) -> list[LayerDecision]:
+            sample: Tensor, batch: int, rounds: int = 5, force: bool = False,
+            memory_format: torch.memory_format = torch.contiguous_format) -> list[LayerDecision]:
     """Put the pattern-pruned convs ``layers`` (name -> (module, pattern_ids (G, IC), block size))
     on the op where it is faster than torch's conv, fwd + bwd at ``batch`` (``force``: wherever
-    eligible, unmeasured). ``sample``: one input batch of the model, for the convs' map sizes."""
+    eligible, unmeasured), timed on inputs in the ``memory_format`` the model trains in.
+    ``sample``: one input batch of the model, for the convs' map sizes."""
     sizes = _input_sizes(model, {name: m for name, (m, _, _) in layers.items()}, sample[:1])
     lanes, decisions = host_lanes(), []
-    memory_format = torch.channels_last if sample.is_contiguous(memory_format=torch.channels_last) \
-        and not sample.is_contiguous() else torch.contiguous_format
     for name, (module, pattern_ids, block_size) in layers.items():
         reason = ineligible_reason(module, block_size, lanes)
         if reason:

@@ -340,8 +340,8 @@ class _Run:
             return False
         from .pattern_kernels import install  # loads TVM: only runs that ask for it
         sample = next(iter(self.train_batches.epoch(0, limit=1)))[0]
-        decisions = install(self.model, layers, self.pruner.library.numpy(),
-                            sample.contiguous(memory_format=self.memory_format), len(sample))
+        decisions = install(self.model, layers, self.pruner.library.numpy(), sample, len(sample),
+                            memory_format=self.memory_format)
         self.pattern_kernels = [d.to_dict() for d in decisions]
         return True
 
