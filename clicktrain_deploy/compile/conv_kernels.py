@@ -265,43 +265,52 @@ def choose_tile(out_height: int, out_width: int, tiles: tuple[tuple[int, int], .
     return min(tiles, key=padded)
 
 
-def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
-    """Pack a conv weight (OC, IC, KH, KW) into (ptr, coff, wv) for ``spec``.
+def compact_order(assign: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compact layout of ``spec``'s weights: (ptr, coff, index).
 
     assign: int (OCB, IC), the tap group that output block ob uses on input channel ic, -1 where
     the block's kernels are all removed (or all zero, as outside a grouped conv's diagonal blocks).
-    Weights outside a group's taps must be zero (checked).
+    ptr: int32 (OCB * groups + 1,) first entry of each (block, group); coff: int32 (entries,) the
+    input channel of each entry; index: int64 (entries * T * L,) the flat index into a weight
+    (OC, IC, KH, KW) of each slot of wv (T taps x L lanes per entry), -1 in padded lanes.
     """
     lanes, groups = spec.lanes, spec.groups
+    (kh, kw), ic, oc = spec.kernel, spec.in_channels, spec.out_channels
+    if any(not (0 <= dy < kh and 0 <= dx < kw) for g in groups for dy, dx in g):
+        raise ValueError(f"a tap group holds a tap outside the {kh}x{kw} kernel")
+    if (~np.isin(assign, np.arange(len(groups))) & (assign != -1)).any():
+        raise ValueError("assign holds a tap group index that does not exist")
+    ptr, coff, slots = [0], [], []
+    for ob in range(spec.out_blocks):
+        out = np.arange(ob * lanes, (ob + 1) * lanes)
+        for g, taps in enumerate(groups):
+            for c in np.flatnonzero(assign[ob] == g):
+                coff.append(c)
+                slots.append([np.where(out < oc, ((out * ic + c) * kh + dy) * kw + dx, -1) for dy, dx in taps])
+            ptr.append(len(coff))
+    index = np.asarray(slots, np.int64).reshape(-1) if slots else np.full(len(groups[0]) * lanes, -1, np.int64)
+    return np.asarray(ptr, np.int32), np.asarray(coff or [0], np.int32), index
+
+
+def compact_weights(weight: np.ndarray, assign: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
+    """Pack a conv weight (OC, IC, KH, KW) into (ptr, coff, wv float32) for ``spec``
+    (``compact_order``). Weights outside an entry's taps must be zero (checked)."""
     oc, ic, kh, kw = weight.shape
     if (kh, kw) != tuple(spec.kernel) or ic != spec.in_channels or oc != spec.out_channels:
         raise ValueError(f"weight {weight.shape} does not match the spec's {spec.out_channels}x"
                          f"{spec.in_channels}x{spec.kernel}")
-    if any(not (0 <= dy < kh and 0 <= dx < kw) for g in groups for dy, dx in g):
-        raise ValueError(f"a tap group holds a tap outside the {kh}x{kw} kernel")
-    padded = np.zeros((spec.out_blocks * lanes, ic, kh, kw), np.float32)
-    padded[:oc] = weight
-    blocks = padded.reshape(spec.out_blocks, lanes, ic, kh, kw)
-    ptr, coff, values = [0], [], []
-    for ob in range(spec.out_blocks):
-        for g, taps in enumerate(groups):
-            for c in np.flatnonzero(assign[ob] == g):
-                kernel = blocks[ob, :, c]  # (L, KH, KW)
-                outside = kernel.copy()
-                for dy, dx in taps:
-                    outside[:, dy, dx] = 0
-                if outside.any():
-                    raise ValueError(f"output block {ob}, input channel {c}: non-zero weight outside "
-                                     f"tap group {g}")
-                coff.append(c)
-                values.append(np.stack([kernel[:, dy, dx] for dy, dx in taps]))  # (T, L)
-            ptr.append(len(coff))
-    unused = ~np.isin(assign, np.arange(len(groups))) & (assign != -1)
-    if unused.any():
-        raise ValueError("assign holds a tap group index that does not exist")
-    taps = len(groups[0])
-    wv = np.concatenate(values).reshape(-1) if values else np.zeros(taps * lanes, np.float32)
-    return (np.asarray(ptr, np.int32), np.asarray(coff or [0], np.int32), wv.astype(np.float32))
+    ptr, coff, index = compact_order(assign, spec)
+    kept = np.zeros(weight.size, bool)
+    kept[index[index >= 0]] = True
+    kept = kept.reshape(oc, ic, kh * kw)
+    outside = (np.asarray(weight).reshape(oc, ic, -1) != 0) & ~kept & kept.any(-1, keepdims=True)
+    if outside.any():
+        o, c, _ = np.argwhere(outside)[0]
+        ob = o // spec.lanes
+        raise ValueError(f"output block {ob}, input channel {c}: non-zero weight outside tap group "
+                         f"{assign[ob, c]}")
+    wv = np.where(index >= 0, np.asarray(weight, np.float32).reshape(-1)[np.maximum(index, 0)], 0)
+    return ptr, coff, wv.astype(np.float32)
 
 
 def _padded_row(dst: str, row: str, src: str, width: int, lanes: int, left: int, right: int,

@@ -70,11 +70,11 @@ def _select(stages: list[Stage], until: str | None) -> list[Stage]:
     return stages[:matches[-1] + 1]
 
 
-def stage_digest(stage: Stage, folder: RunFolder, codes: dict[str, str] | None = None) -> tuple[str, str]:
+def stage_digest(stage: Stage, folder: RunFolder, codes: dict[tuple, str] | None = None) -> tuple[str, str]:
     """(inputs hash, code digest) of ``stage`` now: what ``pipeline.json`` compares to skip it.
     ``codes`` caches code digests per stage kind and unused code."""
     codes = {} if codes is None else codes
-    key = f"{stage.kind}-{'-'.join(sorted(stage.unused_code))}"
+    key = (stage.kind, stage.unused_code)
     if key not in codes:
         codes[key] = code_digest(STAGES.get(stage.kind), exclude=stage.unused_code)
     # files of the run folder by their name in it; others (a user's model file and weights, which
@@ -102,7 +102,7 @@ def run_pipeline(recipe: Recipe, *, until: str | None = None, progress: bool = T
     state = PipelineState.load(folder.state)
     state.targets = list(recipe.deploy.targets)  # records of other targets stay, for when they return
     result = PipelineResult(folder, [])
-    codes: dict[str, str] = {}  # per stage kind, computed once per run
+    codes: dict[tuple, str] = {}  # per (stage kind, unused code), computed once per run
     for index, stage in enumerate(stages, 1):
         digest, code = stage_digest(stage, folder, codes)
         record = state.stages.get(stage.name)

@@ -30,6 +30,11 @@ class Skipped(str):
     benchmark with no device to run on): recorded as status ``skipped``, never as ``done``."""
 
 
+# The training kernels: only the train stage runs them, and only with schedule.sparse_kernels, so
+# no other stage's cache key holds their code.
+TRAINING_KERNELS = frozenset({"clicktrain_deploy.train.pattern_kernels"})
+
+
 @dataclass
 class StageContext:
     """How a stage runs. ``resume``: its inputs are those of an earlier, unfinished attempt (or
@@ -52,9 +57,7 @@ class Stage:
     writes: list[Path]                # files it produces
     run: Callable[[StageContext], str]  # returns its summary (a ``Skipped`` one if it could not do its job)
     own_progress: bool = False        # draws its own progress bar (otherwise the runner's spinner)
-    # modules its factory's imports reach that it never runs: by default the training kernels,
-    # which only the train stage runs, with schedule.sparse_kernels
-    unused_code: frozenset[str] = frozenset({"clicktrain_deploy.train.pattern_kernels"})
+    unused_code: frozenset[str] = TRAINING_KERNELS  # modules its factory's imports reach that it never runs
 
 
 def plan(recipe: Recipe) -> list[Stage]:
@@ -97,7 +100,7 @@ def train_stage(recipe: Recipe, folder: RunFolder) -> Stage:
     epochs = recipe.schedule.epochs
     # a user's model file and weights decide what is trained: their bytes key the stage too
     reads = [Path(p) for p in (recipe.model.file and recipe.model.file.rpartition(":")[0], recipe.model.weights) if p]
-    unused = frozenset() if recipe.schedule.sparse_kernels else Stage.unused_code
+    unused = frozenset() if recipe.schedule.sparse_kernels else TRAINING_KERNELS
     return Stage("train", "train", f"{recipe.model.label} on {recipe.data.name}, {epochs} epochs, "
                  f"{recipe.pruning.method}", settings, reads,
                  [folder.final_checkpoint(epochs), folder.metrics, folder.sparsity], run, own_progress=True,

@@ -28,7 +28,7 @@ import torch
 import tvm
 from torch import Tensor, nn
 
-from ..compile.conv_kernels import ConvSpec, choose_tile, compact_weights, conv_tvmscript, library_taps, \
+from ..compile.conv_kernels import ConvSpec, choose_tile, compact_order, conv_tvmscript, library_taps, \
     pattern_assignment
 from ..compile.targets import TARGETS, WIDE_TILES
 from ..compile.train_kernels import conv_input_grad_tvmscript, conv_weight_grad_tvmscript, tap_offsets, \
@@ -103,20 +103,12 @@ class PatternConvKernels:
                         lanes=self.lanes, groups=library_taps(np.asarray(library, bool)), entries=0,
                         stride=module.stride, padding=(ph, pw, ph, pw), dilation=module.dilation,
                         channels_last_out=True)
-        # the compact layout of the weight's flat indices (+1, so index 0 is told from "outside")
-        taps = np.zeros((oc, ic, 9), np.float32)
-        kernel_ids = np.asarray(pattern_ids)[np.arange(oc) // block_size]
-        for k, row in enumerate(np.asarray(library, bool)):
-            taps[kernel_ids == k] = row
-        flat = (np.arange(oc * ic * 9, dtype=np.float64) + 1).reshape(oc, ic, 9) * taps
-        ptr, coff, where = compact_weights(flat.astype(np.float32).reshape(oc, ic, 3, 3), assign, base)
-        if oc * ic * 9 >= 2 ** 24:
-            raise ValueError(f"conv {oc}x{ic}x3x3 is too large for the float32 index map")
+        ptr, coff, index = compact_order(assign, base)
         self.spec = dataclasses.replace(base, entries=int(ptr[-1]), tile=choose_tile(
             *base.out_hw, WIDE_TILES))
         self.out_hw = self.spec.out_hw
-        self.gather = torch.from_numpy(np.maximum(where.astype(np.int64) - 1, 0))
-        self.valid = torch.from_numpy(where > 0)  # padded lanes and empty layers hold no weight
+        self.gather = torch.from_numpy(np.maximum(index, 0))
+        self.valid = torch.from_numpy(index >= 0)  # padded lanes and empty layers hold no weight
         self.kept_positions = torch.nonzero(self.valid).flatten()  # in wv
         self.kept_weights = self.gather[self.kept_positions]  # in the flat weight
         ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
