@@ -131,3 +131,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(first, accuracy, capsys):
     assert run["segments"][1]["from_epoch"] == 0 and len(run["accuracy_per_epoch"]) == 2
     assert "resuming after epoch 0" in (folder / "train.log").read_text()
     assert ("t-ct", 0) in records(first["json"])  # its source's identity did not change
+
+
+def test_runs_start_seed_major_so_a_seeds_rows_run_side_by_side(accuracy, tmp_path):
+    Row, Study = accuracy.Row, accuracy.Study
+    catalog = accuracy.Catalog([Study("two-seeds", "rows x seeds", (
+        Row("s-dense", {**TINY, "pruning.method": "dense"}, seeds=(0, 1)),
+        Row("s-ct", TINY, seeds=(0, 1)),
+    ))])
+    runs = accuracy.plan(catalog, catalog.order(), tmp_path, threads=1)
+    assert [r.label for r in runs.values()][:2] == ["s-dense seed 0", "s-dense seed 1"]
+    assert [r.label for r in accuracy.start_order(list(runs.values()))] == [
+        "s-dense seed 0", "s-ct seed 0", "s-dense seed 1", "s-ct seed 1"]
