@@ -251,6 +251,10 @@ def test_foreign_torch_exports_compile_and_match_onnxruntime(net, opset, target,
         assert [["clip", 0.0, 6.0]] in epilogues and [["silu"]] in epilogues and [["sigmoid"]] in epilogues
         assert any(e and e[0][0] == "hardswish" for e in epilogues) and any(e and e[0][0] == "hardsigmoid" for e in epilogues)
         assert sum(layer["kernel"] == "depthwise" for layer in convs.values()) == 2
+        assert [["residual"]] in epilogues  # x + project(...): the skip is the add's first operand
+    if net is _TinyImageNetResNet:  # x + a(x) and b(x) + shortcut(x): both adds fused, either order
+        epilogues = [layer["attributes"]["epilogue"] for layer in convs.values()]
+        assert epilogues.count([["residual"], ["relu"]]) == 2
     if target == "x86":  # a second input, checked here against onnxruntime
         image = np.random.default_rng(1).standard_normal((1, 3, 37, 45)).astype(np.float32)
         expected = onnxruntime_session(path.read_bytes()).run(None, {"image": image})[0]

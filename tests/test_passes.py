@@ -180,6 +180,28 @@ def test_values_read_outside_the_chain_are_not_fused():
     np.testing.assert_allclose(_run(module, image), (torch.relu(conv) + conv).numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_residual_fuses_whichever_side_of_the_add_the_skip_is(skip_first):
+    """torch writes MobileNetV2's and ImageNet ResNets' ``x + conv(x)`` with the skip first."""
+    rng = np.random.default_rng(5)
+    weight, bias = rng.standard_normal((8, 8, 3, 3)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.nn.relu(x))
+            v = _conv(bb, h, weight, bias)
+            out = bb.emit_output(bb.emit(relax.op.add(h, v) if skip_first else relax.op.add(v, h)))
+        bb.emit_func_output(out)
+    module, manifest = rewrite_convs(bb.get(), None, X86, ConvKernels())
+    assert manifest[0].attributes["epilogue"] == [["residual"]]
+    assert "relax.add" not in _calls(module)
+    image = rng.standard_normal((1, 8, 6, 7)).astype(np.float32)
+    skip = torch.relu(torch.from_numpy(image).double())
+    conv = torch.nn.functional.conv2d(skip, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(), padding=1)
+    np.testing.assert_allclose(_run(module, image), (skip + conv).numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_weights_that_contradict_or_miss_their_layer_stop_the_rewrite():
     weights, biases, metadata = _block()
     weights[2][3, 5] = 1.0  # every tap of one kernel of conv2 non-zero

@@ -177,7 +177,10 @@ def _clip_step(bounds: tuple) -> tuple | None:
 
 STEP_PATTERNS = _step_patterns()
 RESIDUAL_OPERAND = wildcard()
-RESIDUAL = _commutative("relax.add", INPUT, RESIDUAL_OPERAND)
+# two patterns, not one commutative one: in add(skip, conv) a commutative match binds INPUT to
+# skip (both sides are wildcards) and the chain's check that INPUT is its tail then rejects it
+RESIDUAL_STEPS = [("residual", is_op("relax.add")(INPUT, RESIDUAL_OPERAND), lambda m: ("residual",)),
+                  ("residual", is_op("relax.add")(RESIDUAL_OPERAND, INPUT), lambda m: ("residual",))]
 BIAS_VALUE = is_const()
 BIAS = _commutative("relax.add", INPUT, BIAS_VALUE)
 MAX_STEPS = 4  # epilogue steps after the bias (one residual at most)
@@ -304,7 +307,7 @@ class _ConvRewriter(relax.PyExprMutator):
             if values.size == channels and values.shape in ((1, channels, 1, 1), (channels, 1, 1)):
                 tail, bias = match[0], values.reshape(-1)
         for _ in range(MAX_STEPS):
-            patterns = STEP_PATTERNS + ([] if residual is not None else [("residual", RESIDUAL, lambda m: ("residual",))])
+            patterns = STEP_PATTERNS + ([] if residual is not None else RESIDUAL_STEPS)
             match = self._step(tail, patterns, claimed, head=conv.var)
             if match is None:
                 break
