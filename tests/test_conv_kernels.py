@@ -272,6 +272,11 @@ def _depthwise(channels, lanes, *, height, width, kernel=(3, 3), stride=(1, 1), 
     dict(height=14, width=13, stride=(2, 2), epilogue=(("clip", 0.0, 6.0),), batch=2),  # 3x3 s2, ReLU6
     dict(height=11, width=12, kernel=(5, 5), padding=(2, 2, 2, 2), epilogue=(("hardswish", 1 / 6, 0.5),)),
     dict(height=9, width=10, padding=(0, 1, 1, 0), dilation=(2, 1), epilogue=()),   # asymmetric, dilated
+    # more output rows than one band (DEPTHWISE_BAND_ROWS): 3 bands, the last shifted back
+    dict(height=37, width=6, epilogue=(("clip", 0.0, 6.0),), batch=2),
+    dict(height=45, width=7, stride=(2, 2), epilogue=()),                          # 23 rows: 2 bands
+    dict(height=35, width=9, padding=(0, 0, 0, 0)),                                # unpadded, read in place
+    dict(height=40, width=8, padding=(2, 1, 0, 1), dilation=(3, 1), stride=(2, 1), epilogue=()),
 ])
 def test_depthwise(case):
     _depthwise(20, 8, **case)  # 20 channels on 8 lanes: the last block is partial

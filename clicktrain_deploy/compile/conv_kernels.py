@@ -347,21 +347,24 @@ def _scratch_copy(blocks: int, height: int, width: int, lanes: int, padding, ph:
                                "            ")
 
 
-def _band_copy(spec: ConvSpec, blocks: int, rows: int) -> list[str]:
+def _band_copy(spec, rows: int, lanes: int, x_blocks: int, blocks: int, first: str = "") -> list[str]:
     """Statements (in a job whose band starts at output row yb of image n) filling the job-local
-    Xb (blocks x rows x PW x Li) with padded input rows yb * SH ... yb * SH + rows - 1: zeros
-    outside X, X's row as a padded row inside."""
+    Xb (blocks x rows x PW x lanes) with padded input rows yb * SH ... yb * SH + rows - 1 of X's
+    blocks ``first`` ... ``first`` + blocks - 1 (X holds ``x_blocks``): zeros outside X, X's row as
+    a padded row inside."""
     pt, pl, _, pr = spec.padding
-    (_, pw), li, h, w = spec.padded_hw, spec.in_lanes, spec.height, spec.width
-    row = f"(c * {rows} + r) * {pw * li}"
+    (_, pw), h, w = spec.padded_hw, spec.height, spec.width
+    row = f"(b * {rows} + r) * {pw * lanes}"
+    block = f"{first} + b" if first else "b"
     return [
-        f"        Xb = T.alloc_buffer(({blocks * rows * pw * li},), 'float32')",
-        f"        for c, r in T.grid({blocks}, {rows}):",
+        f"        Xb = T.alloc_buffer(({blocks * rows * pw * lanes},), 'float32')",
+        f"        for b, r in T.grid({blocks}, {rows}):",
         f"            src: T.let = yb * {spec.stride[0]} + r - {pt}",
         f"            if src >= 0 and src < {h}:",
-        *_padded_row("Xb", row, f"((n * {blocks} + c) * {h} + src) * {w * li}", w, li, pl, pr, "                "),
+        *_padded_row("Xb", row, f"((n * {x_blocks} + {block}) * {h} + src) * {w * lanes}", w, lanes, pl, pr,
+                     "                "),
         "            else:",
-        f"                for i in T.vectorized({pw * li}):",
+        f"                for i in T.vectorized({pw * lanes}):",
         f"                    Xb[{row} + i] = T.float32(0)",
     ]
 
@@ -404,7 +407,7 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
         lines += [f"    for job in T.parallel({n_ * bands}):",
                   f"        n: T.let = job // {bands}",
                   f"        yb: T.let = T.min(job % {bands} * {band * ry}, {oh - ry})",
-                  *_band_copy(spec, icb, band_rows),
+                  *_band_copy(spec, band_rows, li, icb, icb),
                   f"        for gi in range({obg}):",
                   f"            g0: T.let = gi * {obt}",
                   f"            ob: T.let = T.min(g0, {ocb - obt})"]
@@ -547,45 +550,65 @@ def _prologue(spec, name: str, in_blocks: int, in_lanes: int, out_blocks: int, w
     return lines + _scratch_copy(spec.batch * in_blocks, spec.height, spec.width, in_lanes, spec.padding, ph, pw), "Xp"
 
 
+DEPTHWISE_BAND_ROWS = 16  # output rows per depthwise job: its padded input rows stay in L2
+
+
 def depthwise_tvmscript(spec: DepthwiseSpec, name: str) -> str:
     """TVMScript of a depthwise conv: X (N, CB, H, W, L), w (CB, KH*KW, L), bias (CB, L), [R],
-    Y (N, CB, OH, OW, L). Vector multiply-adds over the lanes, RY x XW register tiles."""
+    Y (N, CB, OH, OW, L). A job is one image's channel block and a band of output rows; padded,
+    it first copies just the padded input rows its band reads into a job-local scratch (the input
+    is read from memory once, no padded copy of it is written back). Vector multiply-adds over the
+    lanes, RY x XW register tiles."""
     _check_geometry(spec)
     (kh, kw), (sh, sw), (dh, dw), lanes, n_, cb = spec.kernel, spec.stride, spec.dilation, spec.lanes, \
         spec.batch, spec.blocks
     oh, ow = spec.out_hw
     ph, pw = spec.padded_hw
     xw, ry = spec.effective_tile()
-    row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
-    lines, source = _prologue(spec, name, cb, lanes, cb, [f"w: T.Buffer(({cb}, {kh * kw}, {lanes}), 'float32')"])
+    band = min(oh, max(ry, DEPTHWISE_BAND_ROWS // ry * ry))  # the last band is shifted back to end at OH
+    bands, band_tiles, col_tiles = math.ceil(oh / band), math.ceil(band / ry), math.ceil(ow / xw)
+    band_rows = (band - 1) * sh + (kh - 1) * dh + 1  # padded input rows a band reads
+    lines, _ = _prologue(spec, name, cb, lanes, cb, [f"w: T.Buffer(({cb}, {kh * kw}, {lanes}), 'float32')"],
+                         scratch=False)
     lines += [
-        f"    for job in T.parallel({n_ * cb * row_tiles}):",
-        f"        c: T.let = job // {row_tiles} % {cb}",
-        f"        y0: T.let = T.min(job % {row_tiles} * {ry}, {oh - ry})",
-        f"        for xt in range({col_tiles}):",
-        f"            x0: T.let = T.min(xt * {xw}, {ow - xw})",
-        f"            base: T.let = (job // {row_tiles} * {ph * pw} + y0 * {sh * pw} + x0 * {sw}) * {lanes}",
+        f"    for job in T.parallel({n_ * cb * bands}):",
+        f"        n: T.let = job // {cb * bands}",
+        f"        c: T.let = job // {bands} % {cb}",
+        f"        yb: T.let = T.min(job % {bands} * {band}, {oh - band})",
     ]
+    if spec.padded:
+        lines += _band_copy(spec, band_rows, lanes, cb, 1, first="c")
+        source, origin = "Xb", "0"
+    else:
+        source, origin = "Xf", f"((n * {cb} + c) * {ph} + yb * {sh}) * {pw * lanes}"
+    lines += [
+        f"        for yt in range({band_tiles}):",
+        f"            y0: T.let = T.min(yt * {ry}, {band - ry})",
+        f"            for xt in range({col_tiles}):",
+        f"                x0: T.let = T.min(xt * {xw}, {ow - xw})",
+        f"                base: T.let = {origin} + (y0 * {sh * pw} + x0 * {sw}) * {lanes}",
+    ]
+    ind = "                "
     for r in range(ry):
-        lines += [f"            acc{r} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
-                  f"            for xi in T.unroll({xw}):",
-                  f"                for l in T.vectorized({lanes}):",
-                  f"                    acc{r}[xi, l] = bias[c, l]"]
+        lines += [f"{ind}acc{r} = T.alloc_buffer(({xw}, {lanes}), 'float32')",
+                  f"{ind}for xi in T.unroll({xw}):",
+                  f"{ind}    for l in T.vectorized({lanes}):",
+                  f"{ind}        acc{r}[xi, l] = bias[c, l]"]
     for t, (dy, dx) in enumerate(all_taps(kh, kw)):
         for r in range(ry):
             lines += [
-                f"            for xi in T.unroll({xw}):",
-                f"                for l in T.vectorized({lanes}):",
-                f"                    acc{r}[xi, l] = acc{r}[xi, l] + {source}[base + "
+                f"{ind}for xi in T.unroll({xw}):",
+                f"{ind}    for l in T.vectorized({lanes}):",
+                f"{ind}        acc{r}[xi, l] = acc{r}[xi, l] + {source}[base + "
                 f"{((r * sh + dy * dh) * pw + dx * dw) * lanes} + xi * {sw * lanes} + l] * w[c, {t}, l]",
             ]
     for r in range(ry):
-        index = f"job // {row_tiles * cb}, c, y0 + {r}, x0 + xi, l"
+        index = f"n, c, yb + y0 + {r}, x0 + xi, l"
         value = epilogue_expression(spec.epilogue, f"acc{r}[xi, l]", f"R[{index}]")
         lines += [
-            f"            for xi in T.unroll({xw}):",
-            f"                for l in T.vectorized({lanes}):",
-            f"                    Y[{index}] = {value}",
+            f"{ind}for xi in T.unroll({xw}):",
+            f"{ind}    for l in T.vectorized({lanes}):",
+            f"{ind}        Y[{index}] = {value}",
         ]
     return "\n".join(lines)
 
