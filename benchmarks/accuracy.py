@@ -123,6 +123,11 @@ STUDIES: list[Study] = [
         # default schedule.bn_recalibration_batches); this row measures what that is worth
         Row("a10-no-bn-recal", {"schedule.bn_recalibration_batches": 0}),
         Row("a10-global-8x", {"pruning.allocation": "global", "pruning.target_compression": 8.0}),
+        # ratios from the layers' shapes (Erdos-Renyi): the 16-channel stage keeps ~69% of its
+        # kernel groups, the 64-channel one ~21%, where uniform keeps 28% everywhere
+        Row("a10-erk-8x", {"pruning.allocation": "erk", "pruning.target_compression": 8.0}),
+        Row("a10-erk-8x-floor0", {"pruning.allocation": "erk", "pruning.target_compression": 8.0,
+                                  "pruning.min_layer_ratio": 0.0}),
         Row("a10-distill-0.5", {"pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0}),
         Row("a10-reselect-1", {"pruning.reselect_every": 1}),
         # the phases row lost 0.79 points with 3 hard epochs instead of 7: does an 8th help?

@@ -64,6 +64,35 @@ def test_global_allocation_meets_the_target_and_ranks_groups_across_layers(image
             model, images[:1], LOSS)
 
 
+@pytest.mark.parametrize("block_size", [16, 1])
+def test_erk_allocation_meets_the_target_and_keeps_more_of_narrow_layers(images, block_size):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1)
+    config = PruningConfig(allocation="erk", target_compression=8.0, min_layer_ratio=0.0,
+                           max_layer_ratio=0.95, block_size=block_size, importance_batches=1)
+    pruner = ClickTrainPruner(model, config)
+    pruner.select(model, images[:1], LOSS)
+    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
+    achieved = sparsity_report(model, pruner.masks, pruner.library).compression["paper_convs"]
+    assert 8.0 <= achieved < 8.0 * 1.02
+    ratios = pruner.epoch_metrics()["layer_ratios"]
+    assert pruner.epoch_metrics()["target_compression"] == 8.0
+    # kept share proportional to (C_in + C_out) / (C_in C_out): 64 -> 32 -> 16 channels halves
+    # it twice, up to the rounding of whole kernel groups
+    kept = {name: 1 - ratio for name, ratio in ratios.items()}
+    for narrow, wide in [("layers.0.1.conv1", "layers.1.1.conv1"), ("layers.1.1.conv1", "layers.2.1.conv1")]:
+        assert kept[narrow] / kept[wide] == pytest.approx(2.0, rel=0.15)
+    assert kept["layers.1.0.conv1"] == pytest.approx(kept["layers.1.1.conv1"] * 48 / 64 * 2, rel=0.15)
+    # the bounds hold, and a target the bounds cannot reach is refused with the reachable range
+    bounded = config.model_copy(update={"min_layer_ratio": 0.5, "max_layer_ratio": 0.75})
+    pruner = ClickTrainPruner(model, bounded)
+    pruner.select(model, images[:1], LOSS)
+    assert all(0.5 <= r <= 0.75 + 1 / 16 for r in pruner.epoch_metrics()["layer_ratios"].values())
+    with pytest.raises(PruningError, match=r"8x is out of reach: .* allocation 'erk' gives 4\.\d\dx to (4\.9|5\.0)\dx"):
+        ClickTrainPruner(model, bounded.model_copy(update={"max_layer_ratio": 0.55})).select(
+            model, images[:1], LOSS)
+
+
 def test_distillation_term_is_zero_at_alpha_0_and_changes_the_gradient(images):
     torch.manual_seed(0)
     model = create_model("resnet20", 10, 1)
@@ -176,6 +205,7 @@ def test_recipes_take_the_lever_fields_and_check_them():
         ({"distill_alpha": 1.5}, "pruning.distill_alpha"),
         ({"method": "prunetrain", "distill_alpha": 0.5}, "pruning.distill_alpha is a ClickTrain lever"),
         ({"allocation": "global", "layer_ratios": {"layers.*": 0.5}}, "give one or the other"),
+        ({"allocation": "erk", "layer_ratios": {"layers.*": 0.5}}, "allocation 'erk' chooses them"),
         ({"min_layer_ratio": 0.8, "max_layer_ratio": 0.5}, "min_layer_ratio (0.8) must be <="),
         ({"reselect_every": 2}, "must be before hard_prune_epoch (3)"),
     ]:

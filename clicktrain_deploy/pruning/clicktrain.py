@@ -7,6 +7,7 @@ on those masks. The trainer calls it at phase boundaries and around each optimiz
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -111,7 +112,7 @@ def conv_selection(model: nn.Module, config: PruningConfig) -> list[ConvChoice]:
             reason = "stem (first conv) skipped: pruning.skip_first_conv"
         else:
             block, ratio = _block_and_ratio(name, module, config)
-            share = f"ratio {ratio:g}" if config.allocation == "uniform" else "ratio allocated globally"
+            share = f"ratio {ratio:g}" if config.allocation == "uniform" else f"ratio allocated ({config.allocation})"
             choices.append(ConvChoice(name, shape, True, f"3x3, block {block}, {share}"))
             continue
         choices.append(ConvChoice(name, shape, False, reason))
@@ -184,6 +185,25 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
     return {name: score.cpu() for name, score in importance.items()}
 
 
+def _kept_budget(model: nn.Module, layers: list[PrunedLayer], target: float) -> tuple[int, int, float]:
+    """(weights of the convs the paper counts, non-zeros of those not pruned here, non-zeros the
+    pruned layers may keep for ``target`` compression)."""
+    pruned = {layer.name for layer in layers}
+    convs = [(n, m.weight.detach()) for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and counted_by_paper(m.weight)]
+    total = sum(w.numel() for _, w in convs)
+    fixed = sum(int(w.ne(0).sum()) for n, w in convs if n not in pruned)
+    return total, fixed, total / target - fixed
+
+
+def _unreachable(config: PruningConfig, total: int, fixed: int, most: float, least: float) -> PruningError:
+    return PruningError(
+        f"pruning.target_compression {config.target_compression:g}x is out of reach: with "
+        f"min_layer_ratio {config.min_layer_ratio:g} and max_layer_ratio "
+        f"{config.max_layer_ratio:g}, allocation {config.allocation!r} gives "
+        f"{total / (fixed + most):.2f}x to {total / (fixed + least):.2f}x")
+
+
 def allocate_ratios(model: nn.Module, layers: list[PrunedLayer], importance: dict[str, Tensor],
                     config: PruningConfig) -> dict[str, float]:
     """Per-layer removal ratios that bring the convs the paper counts (``counted_by_paper``) to
@@ -199,12 +219,7 @@ def allocate_ratios(model: nn.Module, layers: list[PrunedLayer], importance: dic
     the target: the first group count that reaches it. ``importance`` as ``estimate_importance``
     returns it. Raises ``PruningError`` when the bounds cannot reach the target.
     """
-    pruned = {layer.name for layer in layers}
-    convs = [(n, m.weight.detach()) for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and counted_by_paper(m.weight)]
-    total = sum(w.numel() for _, w in convs)
-    fixed = sum(int(w.ne(0).sum()) for n, w in convs if n not in pruned)
-    budget = total / config.target_compression - fixed  # non-zeros the pruned layers may keep
+    total, fixed, budget = _kept_budget(model, layers, config.target_compression)
     groups, floors, kept_at_floors, scores, costs, owners = [], [], 0.0, [], [], []
     for index, layer in enumerate(layers):
         group = group_tap_importance(importance[layer.name], layer.block_size).sum(-1).flatten()
@@ -225,14 +240,44 @@ def allocate_ratios(model: nn.Module, layers: list[PrunedLayer], importance: dic
     kept = kept_at_floors - torch.cat([torch.zeros(1, dtype=torch.float64),
                                        torch.cat(costs)[ranking].cumsum(0)])
     if not kept[-1] <= budget < kept[0]:
-        raise PruningError(
-            f"pruning.target_compression {config.target_compression:g}x is out of reach: with "
-            f"min_layer_ratio {config.min_layer_ratio:g} and max_layer_ratio "
-            f"{config.max_layer_ratio:g}, allocation gives {total / (fixed + float(kept[0])):.2f}x "
-            f"to {total / (fixed + float(kept[-1])):.2f}x")
+        raise _unreachable(config, total, fixed, float(kept[0]), float(kept[-1]))
     removed = int(torch.nonzero(kept <= budget)[0])
     extra = torch.bincount(torch.cat(owners)[ranking[:removed]], minlength=len(layers))
     return {layer.name: (floors[i] + int(extra[i])) / groups[i] for i, layer in enumerate(layers)}
+
+
+def erk_ratios(model: nn.Module, layers: list[PrunedLayer], config: PruningConfig) -> dict[str, float]:
+    """Per-layer removal ratios from the layers' shapes (Erdos-Renyi, as RigL allocates sparse
+    layers): the share of kernels a layer keeps is proportional to (C_in + C_out) / (C_in * C_out),
+    so narrow layers, which hold few weights but every channel of their stage, keep more of their
+    kernels and wide ones give up more, scaled so the convs the paper counts reach
+    ``config.target_compression`` (the smallest compression at or above it), each layer removing
+    between ``min_layer_ratio`` and ``max_layer_ratio`` of its kernel groups. No importance: the
+    shapes decide the ratios, the importance still decides which groups go. Raises ``PruningError``
+    when the bounds cannot reach the target.
+    """
+    total, fixed, budget = _kept_budget(model, layers, config.target_compression)
+    shapes = [(layer.module.out_channels, layer.module.in_channels,
+               math.ceil(layer.module.out_channels / layer.block_size) * layer.module.in_channels)
+              for layer in layers]
+
+    def ratios(scale: float) -> list[float]:
+        density = [scale * (c_in + c_out) / (c_in * c_out) for c_out, c_in, _ in shapes]
+        return [min(config.max_layer_ratio, max(config.min_layer_ratio, 1.0 - d)) for d in density]
+
+    def kept(scale: float) -> float:  # non-zeros the pruned layers keep
+        return sum(PATTERN_NONZEROS * c_out * c_in * (1 - removal_count(g, r) / g)
+                   for (c_out, c_in, g), r in zip(shapes, ratios(scale)))
+
+    # kept(scale) grows with scale: from every layer at max_layer_ratio (scale 0) to every layer
+    # at min_layer_ratio (scale high); bisect for the largest scale that keeps within the budget
+    low, high = 0.0, max(c_in * c_out / (c_in + c_out) for c_out, c_in, _ in shapes)
+    if not kept(low) <= budget < kept(high):
+        raise _unreachable(config, total, fixed, kept(high), kept(low))
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(middle) <= budget else (low, middle)
+    return {layer.name: removal_count(g, r) / g for layer, (_, _, g), r in zip(layers, shapes, ratios(low))}
 
 
 def lasso_coefficient(config: PruningConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -290,10 +335,17 @@ class ClickTrainPruner:
         per-layer ratios (``allocation``), choose every mask."""
         importance = estimate_importance(model, self.layers, batches, loss_fn)
         library = self.choose_library(importance)
-        ratios = (allocate_ratios(model, self.layers, importance, self.config)
-                  if self.config.allocation == "global" else {l.name: l.ratio for l in self.layers})
+        ratios = self.allocate(model, importance)
         self.assign(library, {l.name: select_layer_mask(importance[l.name], library, l.block_size,
                                                         ratios[l.name]) for l in self.layers})
+
+    def allocate(self, model: nn.Module, importance: dict[str, Tensor]) -> dict[str, float]:
+        """Removal ratio per pruned layer, as ``config.allocation`` says."""
+        if self.config.allocation == "global":
+            return allocate_ratios(model, self.layers, importance, self.config)
+        if self.config.allocation == "erk":
+            return erk_ratios(model, self.layers, self.config)
+        return {layer.name: layer.ratio for layer in self.layers}
 
     def reselect(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                  loss_fn: Callable[[Tensor, Tensor], Tensor]) -> int:
@@ -387,7 +439,7 @@ class ClickTrainPruner:
         c = self.config
         return {
             "allocation": c.allocation,
-            "target_compression": c.target_compression if c.allocation == "global" else None,
+            "target_compression": c.target_compression if c.allocation != "uniform" else None,
             "layer_ratios": {name: float((m.pattern_ids == REMOVED).double().mean())
                              for name, m in self.masks.items()},
             "lasso_schedule": c.lasso_schedule, "lasso_coefficient": self._coefficient,

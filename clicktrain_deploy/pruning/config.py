@@ -62,8 +62,10 @@ class PruningConfig(BaseModel):
     # "global": per-layer ratios from one ranking of kernel groups over all pruned layers (each
     # group's importance relative to its layer's mean) until the convs the paper counts reach
     # target_compression, each layer removing between min_layer_ratio and max_layer_ratio of its
-    # groups; connectivity_ratio and layer_ratios are then unused.
-    allocation: Literal["uniform", "global"] = "uniform"
+    # groups; connectivity_ratio and layer_ratios are then unused. "erk": the same target and
+    # bounds, each layer keeping a share of its kernel groups proportional to
+    # (C_in + C_out) / (C_in * C_out) (Erdos-Renyi, as RigL allocates): narrow layers keep more.
+    allocation: Literal["uniform", "global", "erk"] = "uniform"
     target_compression: float = Field(8.0, gt=1.0)
     min_layer_ratio: float = Field(0.3, ge=0.0, lt=1.0)
     max_layer_ratio: float = Field(0.9, ge=0.0, lt=1.0)
@@ -133,9 +135,9 @@ class PruningConfig(BaseModel):
             if used:
                 raise ValueError(f"pruning.{used[0]} is a ClickTrain lever; method "
                                  f"{self.method!r} does not use it")
-        if self.allocation == "global" and self.layer_ratios:
-            raise ValueError("pruning.layer_ratios sets ratios by hand, allocation 'global' "
-                             "chooses them: give one or the other")
+        if self.allocation != "uniform" and self.layer_ratios:
+            raise ValueError(f"pruning.layer_ratios sets ratios by hand, allocation "
+                             f"{self.allocation!r} chooses them: give one or the other")
         if self.min_layer_ratio > self.max_layer_ratio:
             raise ValueError(f"pruning.min_layer_ratio ({self.min_layer_ratio}) must be <= "
                              f"max_layer_ratio ({self.max_layer_ratio})")
