@@ -128,6 +128,10 @@ STUDIES: list[Study] = [
         Row("a10-erk-8x", {"pruning.allocation": "erk", "pruning.target_compression": 8.0}),
         Row("a10-erk-8x-floor0", {"pruning.allocation": "erk", "pruning.target_compression": 8.0,
                                   "pruning.min_layer_ratio": 0.0}),
+        # how the gap grows with compression: half the kernel groups removed (~4.5x) instead of 72%
+        Row("a10-conn-0.5", {"pruning.connectivity_ratio": 0.5}, note="connectivity 0.5: ~4.5x"),
+        Row("a10-patterns-only", {"pruning.connectivity_ratio": 0.0},
+            note="no kernel removed: what the 4-of-9 patterns alone cost (~2.2x)"),
         Row("a10-distill-0.5", {"pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0}),
         Row("a10-reselect-1", {"pruning.reselect_every": 1}),
         # the phases row lost 0.79 points with 3 hard epochs instead of 7: does an 8th help?
