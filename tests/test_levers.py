@@ -33,15 +33,21 @@ def _context(model, optimizer, images, epoch: int, steps: int) -> EpochContext:
     return EpochContext(epoch, 4, steps, model, optimizer, lambda limit: images[:limit], LOSS)
 
 
-def test_global_allocation_meets_the_target_and_ranks_groups_across_layers(images):
+def _allocated(config: PruningConfig, images) -> tuple[nn.Module, ClickTrainPruner, float]:
+    """A fresh ResNet-20 (seed 0) pruned hard by ``config`` on its importance over ``images``:
+    the model, its pruner and the conv compression the paper counts."""
     torch.manual_seed(0)
     model = create_model("resnet20", 10, 1)
+    pruner = ClickTrainPruner(model, config)
+    pruner.select(model, images, LOSS)
+    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
+    return model, pruner, sparsity_report(model, pruner.masks, pruner.library).compression["paper_convs"]
+
+
+def test_global_allocation_meets_the_target_and_ranks_groups_across_layers(images):
     config = PruningConfig(allocation="global", target_compression=8.0, min_layer_ratio=0.3,
                            max_layer_ratio=0.9, block_size=4, importance_batches=2)
-    pruner = ClickTrainPruner(model, config)
-    pruner.select(model, images[:2], LOSS)
-    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
-    achieved = sparsity_report(model, pruner.masks, pruner.library).compression["paper_convs"]
+    model, pruner, achieved = _allocated(config, images[:2])
     assert 8.0 <= achieved < 8.0 * 1.02
     ratios = pruner.epoch_metrics()["layer_ratios"]
     assert len(ratios) == 18 and len(set(ratios.values())) > 5
@@ -66,14 +72,9 @@ def test_global_allocation_meets_the_target_and_ranks_groups_across_layers(image
 
 @pytest.mark.parametrize("block_size", [16, 1])
 def test_erk_allocation_meets_the_target_and_keeps_more_of_narrow_layers(images, block_size):
-    torch.manual_seed(0)
-    model = create_model("resnet20", 10, 1)
     config = PruningConfig(allocation="erk", target_compression=8.0, min_layer_ratio=0.0,
                            max_layer_ratio=0.95, block_size=block_size, importance_batches=1)
-    pruner = ClickTrainPruner(model, config)
-    pruner.select(model, images[:1], LOSS)
-    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
-    achieved = sparsity_report(model, pruner.masks, pruner.library).compression["paper_convs"]
+    model, pruner, achieved = _allocated(config, images[:1])
     assert 8.0 <= achieved < 8.0 * 1.02
     ratios = pruner.epoch_metrics()["layer_ratios"]
     assert pruner.epoch_metrics()["target_compression"] == 8.0
