@@ -132,6 +132,8 @@ STUDIES: list[Study] = [
         Row("a10-conn-0.5", {"pruning.connectivity_ratio": 0.5}, note="connectivity 0.5: ~4.5x"),
         Row("a10-patterns-only", {"pruning.connectivity_ratio": 0.0},
             note="no kernel removed: what the 4-of-9 patterns alone cost (~2.2x)"),
+        Row("a10-library-32", {"pruning.library_size": 32},
+            note="32 patterns in the library (from 8): each kernel group keeps taps closer to its own"),
         Row("a10-distill-0.5", {"pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0}),
         Row("a10-reselect-1", {"pruning.reselect_every": 1}),
         # the phases row lost 0.79 points with 3 hard epochs instead of 7: does an 8th help?
