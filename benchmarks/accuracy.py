@@ -132,8 +132,10 @@ STUDIES: list[Study] = [
         Row("a10-conn-0.5", {"pruning.connectivity_ratio": 0.5}, note="connectivity 0.5: ~4.5x"),
         Row("a10-patterns-only", {"pruning.connectivity_ratio": 0.0},
             note="no kernel removed: what the 4-of-9 patterns alone cost (~2.2x)"),
-        Row("a10-library-32", {"pruning.library_size": 32},
-            note="32 patterns in the library (from 8): each kernel group keeps taps closer to its own"),
+        # kernel groups chosen at selection (epoch 1) can be swapped in the hard phase: every epoch
+        # the weakest kept groups by magnitude for the removed ones with the largest gradient
+        Row("a10-regrow-1", {"pruning.regrow_every": 1, "pruning.regrow_fraction": 0.3},
+            note="regrowth every hard epoch, 30% of kept groups at first, cosine decay"),
         Row("a10-distill-0.5", {"pruning.distill_alpha": 0.5, "pruning.distill_temperature": 4.0}),
         Row("a10-reselect-1", {"pruning.reselect_every": 1}),
         # the phases row lost 0.79 points with 3 hard epochs instead of 7: does an 8th help?
@@ -244,6 +246,9 @@ def _get_dotted(raw: dict, dotted: str, default=None):
 # What a run's identity leaves out: what the trainer's resume ignores (where it runs and how
 # fast, not what it trains), and the deploy stages, which come after training.
 _IGNORED = (*RESUME_IGNORED, "deploy")
+# Recipe fields added after runs were recorded, with the value that trains as before the field
+# existed: at that value they are left out, so the recorded runs keep their identity.
+_ADDED_LATER = {"pruning.regrow_every": 0, "pruning.regrow_fraction": 0.3}
 
 
 @dataclass
@@ -278,12 +283,13 @@ class Run:
 
 def _identity(dump: dict, source: Run | None) -> str:
     d = copy.deepcopy(dump)
-    for dotted in _IGNORED:
+    for dotted in (*_IGNORED, *_ADDED_LATER):
         *parents, last = dotted.split(".")
         node = d
         for part in parents:
             node = node.get(part, {})
-        node.pop(last, None)
+        if dotted not in _ADDED_LATER or node.get(last) == _ADDED_LATER[dotted]:
+            node.pop(last, None)
     if source is not None:  # the weights' path is the same whatever trained them: name that
         d["model"]["weights"] = {"row": source.row.name, "seed": source.seed, "identity": source.identity}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -243,6 +243,10 @@ class Recipe(_Strict):
                     else "ADMM after training needs a trained model")
             raise ValueError(f"pruning.select_epoch = 0 with method {p.method!r}: {what}; give "
                              f"model.weights (a trained model) or a dense warm-up (select_epoch >= 1)")
+        if p.regrow_every and self.schedule.sparse_kernels:
+            raise ValueError("pruning.regrow_every moves the masks in the hard phase, and "
+                             "schedule.sparse_kernels fixes its kernels' tables at the hard prune: "
+                             "give one or the other")
         restarts = self.schedule.restarts
         if restarts and not (0 < restarts[0] and restarts[-1] < epochs):
             raise ValueError(f"schedule.restarts ({restarts}) must lie in 1..{epochs - 1}")

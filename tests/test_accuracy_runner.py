@@ -143,3 +143,14 @@ def test_runs_start_seed_major_so_a_seeds_rows_run_side_by_side(accuracy, tmp_pa
     assert [r.label for r in runs.values()][:2] == ["s-dense seed 0", "s-dense seed 1"]
     assert [r.label for r in accuracy.start_order(list(runs.values()))] == [
         "s-dense seed 0", "s-ct seed 0", "s-dense seed 1", "s-ct seed 1"]
+
+
+def test_a_field_added_later_keeps_recorded_identities_at_its_old_behaviour(accuracy):
+    from clicktrain_deploy import parse_recipe
+
+    dump = parse_recipe({}).model_dump()
+    before = {**dump, "pruning": {k: v for k, v in dump["pruning"].items()
+                                  if k not in ("regrow_every", "regrow_fraction")}}
+    assert accuracy._identity(dump, None) == accuracy._identity(before, None)
+    regrowing = {**dump, "pruning": {**dump["pruning"], "regrow_every": 1}}
+    assert accuracy._identity(regrowing, None) != accuracy._identity(dump, None)

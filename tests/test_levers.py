@@ -94,6 +94,94 @@ def test_erk_allocation_meets_the_target_and_keeps_more_of_narrow_layers(images,
             model, images[:1], LOSS)
 
 
+def _unmasked_squared_gradients(model, layers, inputs, labels) -> dict[str, torch.Tensor]:
+    """(dL/dw)^2 of each layer's weight on one batch in training mode, on fresh leaf tensors (no
+    gradient-mask hook) and copies of the buffers (BatchNorm statistics left as they were)."""
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    loss = LOSS(torch.func.functional_call(model.train(), {**params, **buffers}, (inputs,)), labels)
+    grads = torch.autograd.grad(loss, [params[f"{l.name}.weight"] for l in layers])
+    return {l.name: g.pow(2) for l, g in zip(layers, grads)}
+
+
+def test_regrowth_swaps_the_weakest_kept_groups_for_the_removed_ones_with_most_gradient(images):
+    config = PruningConfig(block_size=4, importance_batches=1, regrow_every=1, regrow_fraction=0.3,
+                           select_epoch=1, hard_prune_epoch=3)
+    model, pruner, _ = _allocated(config, images[:1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    LOSS(model(images[1][0]), images[1][1]).backward()
+    optimizer.step()  # weights (and momentum) move within the masks
+    pruner.enforce(optimizer)
+    # the share: 0.3 * (1 + cos(pi k / K)) / 2 at the k-th of the K = 4 epochs after the hard prune
+    assert [pruner.regrow_share(e, 7) for e in range(7)] == pytest.approx(
+        [0, 0, 0, 0, 0.3 * 0.8535534, 0.3 * 0.5, 0.3 * 0.1464466])
+    every_2 = ClickTrainPruner(model, config.model_copy(update={"regrow_every": 2}))
+    assert every_2.regrow_share(4, 7) == 0 and every_2.regrow_share(5, 7) == pytest.approx(0.15)
+    before = {name: m.pattern_ids.clone() for name, m in pruner.masks.items()}
+    weights = {l.name: l.module.weight.detach().clone() for l in pruner.layers}
+    gradients = _unmasked_squared_gradients(model, pruner.layers, *images[2])
+    swapped = pruner.regrow(model, images[2:3], LOSS, 0.2, optimizer)
+    expected = 0
+    for layer in pruner.layers:
+        old, new = before[layer.name], pruner.masks[layer.name].pattern_ids
+        kept_before, kept_after = old != REMOVED, new != REMOVED
+        count = int(0.2 * int(kept_before.sum()))
+        expected += count
+        assert int(kept_after.sum()) == int(kept_before.sum())  # compression unchanged
+        dropped, grown = kept_before & ~kept_after, kept_after & ~kept_before
+        assert int(dropped.sum()) == int(grown.sum()) == count
+        assert torch.equal(new[kept_before & kept_after], old[kept_before & kept_after])
+        # dropped: the weakest kept groups by squared weight; grown: the removed groups whose best
+        # pattern holds most squared gradient, with that pattern
+        magnitude = group_tap_importance(weights[layer.name].pow(2), layer.block_size).sum(-1)
+        assert magnitude[dropped].max() <= magnitude[kept_after & kept_before].min()
+        fit = group_tap_importance(gradients[layer.name], layer.block_size) @ pruner.library.double().T
+        gain = fit.max(-1).values
+        chosen = fit.gather(-1, new.clamp_min(0)[..., None])[..., 0]
+        torch.testing.assert_close(chosen[grown], gain[grown])
+        assert gain[grown].min() >= gain[~kept_before & ~kept_after].max() * (1 - 1e-6)
+        assert gain[grown].min() > 0
+        # the weights follow the new mask: dropped are zero, grown start at zero
+        mask = pruner.masks[layer.name].dense(pruner.library)
+        weight = layer.module.weight.detach()
+        assert not weight[mask == 0].any() and not optimizer.state[layer.module.weight][
+            "momentum_buffer"][mask == 0].any()
+    assert swapped == expected > 0
+    # gradients now flow into the grown weights and never into the dropped ones
+    model.zero_grad()
+    LOSS(model(images[0][0]), images[0][1]).backward()
+    for layer in pruner.layers:
+        mask = pruner.masks[layer.name].dense(pruner.library)
+        assert not layer.module.weight.grad[mask == 0].any()
+    grown_grad = sum(float(l.module.weight.grad[(pruner.masks[l.name].dense(pruner.library) > 0)
+                                                & (weights[l.name] == 0)].abs().sum()) for l in pruner.layers)
+    assert grown_grad > 0
+
+
+def test_regrowth_trains_records_and_resumes_with_the_same_loss(tmp_path):
+    def recipe():
+        return parse_recipe(small_recipe(tmp_path / "run", pruning={"regrow_every": 1},
+                                         data={"train_subset": 200, "test_subset": 200,
+                                               "test_batch_size": 200},
+                                         schedule={"epochs": 5, "bn_recalibration_batches": 2}))
+    result = train(recipe(), progress=False)
+    m = result.metrics
+    assert [row["regrown_groups"] for row in m][:3] == [None, None, None]
+    assert all(row["regrown_groups"] > 0 for row in m[3:]) and m[3]["regrown_groups"] > m[4]["regrown_groups"]
+    checkpoints = sorted((result.output_dir / "checkpoints").iterdir())
+    hard, last = (load_checkpoint(checkpoints[i])["pruner"]["masks"] for i in (2, 4))
+    moved = 0
+    for name, mask in hard.items():  # as many groups kept in every layer, some of them others
+        assert int((mask["pattern_ids"] != REMOVED).sum()) == int((last[name]["pattern_ids"] != REMOVED).sum())
+        moved += int((mask["pattern_ids"] != last[name]["pattern_ids"]).sum())
+    assert moved >= m[3]["regrown_groups"]
+    for path in checkpoints[4:]:
+        path.unlink()  # as if the run died after epoch 3: resume with one regrowth to go
+    resumed = train(recipe(), resume=True, progress=False)
+    assert without_wall_clock(resumed.metrics) == without_wall_clock(m)
+
+
 def test_distillation_term_is_zero_at_alpha_0_and_changes_the_gradient(images):
     torch.manual_seed(0)
     model = create_model("resnet20", 10, 1)
@@ -207,11 +295,15 @@ def test_recipes_take_the_lever_fields_and_check_them():
         ({"method": "prunetrain", "distill_alpha": 0.5}, "pruning.distill_alpha is a ClickTrain lever"),
         ({"allocation": "global", "layer_ratios": {"layers.*": 0.5}}, "give one or the other"),
         ({"allocation": "erk", "layer_ratios": {"layers.*": 0.5}}, "allocation 'erk' chooses them"),
+        ({"method": "admm", "regrow_every": 1}, "pruning.regrow_every is a ClickTrain lever"),
+        ({"regrow_fraction": 0.0}, "pruning.regrow_fraction"),
         ({"min_layer_ratio": 0.8, "max_layer_ratio": 0.5}, "min_layer_ratio (0.8) must be <="),
         ({"reselect_every": 2}, "must be before hard_prune_epoch (3)"),
     ]:
         with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_recipe({"pruning": pruning}, "r.toml")
+    with pytest.raises(RecipeError, match="schedule.sparse_kernels fixes its kernels' tables"):
+        parse_recipe({"pruning": {"regrow_every": 1}, "schedule": {"sparse_kernels": True}}, "r.toml")
 
 
 LEVERS = {"allocation": "global", "target_compression": 8.0, "distill_alpha": 0.5,

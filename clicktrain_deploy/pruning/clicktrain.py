@@ -157,8 +157,10 @@ def _described(selection: list[ConvChoice]) -> str:
 
 def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
                         batches: Iterable[tuple[Tensor, Tensor]],
-                        loss_fn: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
-    """Per-weight importance sum over batches of (w * dL/dw)^2, float (C_out, C_in, 3, 3) each.
+                        loss_fn: Callable[[Tensor, Tensor], Tensor],
+                        gradient_only: bool = False) -> dict[str, Tensor]:
+    """Per-weight importance sum over batches of (w * dL/dw)^2 (``gradient_only``: of
+    (dL/dw)^2, what a zero weight would gain), float (C_out, C_in, 3, 3) each.
 
     Gradients are taken in training mode (as during training); BatchNorm running statistics are
     restored afterwards, so the estimate leaves the model exactly as it found it. Under
@@ -175,7 +177,7 @@ def estimate_importance(model: nn.Module, layers: list[PrunedLayer],
         loss_fn(model(inputs), labels).backward()
         for layer in layers:
             weight = layer.module.weight
-            importance[layer.name] += (weight.detach() * weight.grad).pow(2)
+            importance[layer.name] += (weight.grad if gradient_only else weight.detach() * weight.grad).pow(2)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -318,6 +320,7 @@ class ClickTrainPruner:
         self._epoch, self._step, self._steps_per_epoch = config.select_epoch, 0, 1
         self._coefficient = 0.0
         self._reselected: int | None = None
+        self._regrown: int | None = None
 
     @property
     def selected(self) -> bool:
@@ -362,6 +365,51 @@ class ClickTrainPruner:
         ``select_epoch``, before ``hard_prune_epoch``."""
         every, start = self.config.reselect_every, self.config.select_epoch
         return bool(every) and start < epoch < self.config.hard_prune_epoch and (epoch - start) % every == 0
+
+    def regrow_share(self, epoch: int, epochs: int) -> float:
+        """Share of each layer's kept groups ``regrow`` swaps at the start of ``epoch`` (0: no
+        regrowth then): ``regrow_fraction`` * (1 + cos(pi * k / K)) / 2 at the k-th of the K
+        epochs after the hard prune, every ``regrow_every`` of them."""
+        every, hard = self.config.regrow_every, self.config.hard_prune_epoch
+        if not every or epoch <= hard or (epoch - hard) % every:
+            return 0.0
+        return self.config.regrow_fraction * (1 + math.cos(math.pi * (epoch - hard) / (epochs - hard))) / 2
+
+    def regrow(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+               loss_fn: Callable[[Tensor, Tensor], Tensor], share: float,
+               optimizer: torch.optim.Optimizer) -> int:
+        """In the hard phase: per layer, drop the ``share`` of kept kernel groups with the least
+        squared weight and grow as many removed groups, those whose best library pattern holds
+        the largest squared gradient of the loss (over ``batches``, gradients not masked), with
+        that pattern; grown weights start at 0, dropped ones and their optimizer state are
+        zeroed. Kept groups keep their pattern. Returns the number of groups dropped (= grown)."""
+        assert self.library is not None and self.hard
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        try:
+            gradients = estimate_importance(model, self.layers, batches, loss_fn, gradient_only=True)
+        finally:
+            self._register_gradient_masks()
+        masks, swapped = {}, 0
+        for layer in self.layers:
+            mask = self.masks[layer.name]
+            ids = mask.pattern_ids.clone().flatten()
+            kept = ids != REMOVED
+            count = min(int(share * int(kept.sum())), int((~kept).sum()))
+            weight = layer.module.weight.detach().cpu()
+            magnitude = group_tap_importance(weight.pow(2), layer.block_size).sum(-1).flatten()
+            fit = group_tap_importance(gradients[layer.name], layer.block_size) @ self.library.double().T
+            gain, pattern = fit.flatten(0, 1).max(-1)
+            drop = removal_order(torch.where(kept, magnitude, torch.inf))[:count]
+            grow = removal_order(torch.where(kept, torch.inf, -gain))[:count]
+            ids[drop] = REMOVED
+            ids[grow] = pattern[grow]
+            masks[layer.name] = LayerMask(mask.out_channels, mask.block_size, ids.view_as(mask.pattern_ids))
+            swapped += count
+        self.assign(self.library, masks)
+        self.enforce(optimizer)
+        return swapped
 
     def choose_library(self, importance: dict[str, Tensor]) -> Tensor:
         """The configured fixed library, or one generated from per-weight ``importance``
@@ -408,10 +456,10 @@ class ClickTrainPruner:
 
     def begin_epoch(self, context: EpochContext) -> None:
         """Select at the first non-dense epoch, re-select where ``reselects_at``, harden at the
-        first hard one."""
+        first hard one, regrow where ``regrow_share`` says."""
         phase = self.phase(context.epoch)
         self._epoch, self._step, self._steps_per_epoch = context.epoch, 0, context.steps_per_epoch
-        self._coefficient, self._reselected = 0.0, None
+        self._coefficient, self._reselected, self._regrown = 0.0, None, None
         batches = self.config.importance_batches
         if phase != "dense" and not self.selected:
             self.select(context.model, context.batches(batches), context.loss_fn)
@@ -419,6 +467,10 @@ class ClickTrainPruner:
             self._reselected = self.reselect(context.model, context.batches(batches), context.loss_fn)
         if phase == "hard" and not self.hard:
             self.harden(context.optimizer)
+        share = self.regrow_share(context.epoch, context.epochs)
+        if share and self.hard:
+            self._regrown = self.regrow(context.model, context.batches(batches), context.loss_fn, share,
+                                        context.optimizer)
 
     def penalty_term(self, loss: Tensor, phase: str) -> Tensor | None:
         return self.penalty() if phase == "regularize" else None
@@ -444,6 +496,7 @@ class ClickTrainPruner:
                              for name, m in self.masks.items()},
             "lasso_schedule": c.lasso_schedule, "lasso_coefficient": self._coefficient,
             "reselect_every": c.reselect_every, "reselection_changed_groups": self._reselected,
+            "regrow_every": c.regrow_every, "regrown_groups": self._regrown,
         }
 
     def report(self, model: nn.Module) -> SparsityReport:
@@ -494,9 +547,10 @@ class ClickTrainPruner:
                 for name, m in self.masks.items()}
 
     def _register_gradient_masks(self) -> None:
+        """Mask every pruned weight's gradient with the layer's current mask (regrowth moves it)."""
         for layer in self.layers:
-            mask = self._mask_tensors[layer.name]
-            self._hooks.append(layer.module.weight.register_hook(lambda g, m=mask: g * m))
+            self._hooks.append(layer.module.weight.register_hook(
+                lambda g, name=layer.name: g * self._mask_tensors[name]))
 
 
 def _group_tap_importance(importance: Tensor, block_size: int) -> Tensor:

@@ -35,7 +35,7 @@ class AdmmConfig(BaseModel):
 
 # ClickTrain's accuracy levers: (field, value that leaves training as it was).
 CLICKTRAIN_LEVERS = {"allocation": "uniform", "distill_alpha": 0.0, "reselect_every": 0,
-                     "lasso_schedule": "constant"}
+                     "lasso_schedule": "constant", "regrow_every": 0}
 
 
 class PruningConfig(BaseModel):
@@ -87,6 +87,13 @@ class PruningConfig(BaseModel):
     lasso_schedule: Literal["constant", "ramp"] = "constant"
     # Re-select patterns and connectivity every this many epochs of the lasso phase (0 = never).
     reselect_every: int = Field(0, ge=0)
+    # Regrowth in the hard phase (RigL-style): at the start of every regrow_every-th epoch after
+    # the hard prune, each layer swaps a share of its kept kernel groups, the weakest by weight
+    # magnitude, for as many removed ones with the largest squared gradient (each taking the
+    # library pattern that holds most of it; their weights start at 0). The share is
+    # regrow_fraction, decayed by a cosine that reaches 0 at the end of training. 0 = never.
+    regrow_every: int = Field(0, ge=0)
+    regrow_fraction: float = Field(0.3, gt=0.0, le=1.0)
     # Distillation from the model at selection (end of the dense warm-up) in the lasso and hard
     # phases: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student) at temperature T.
     distill_alpha: float = Field(0.0, ge=0.0, le=1.0)
