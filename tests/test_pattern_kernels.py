@@ -121,6 +121,30 @@ def make_small_net(num_classes: int, in_channels: int) -> nn.Module:
     return SmallNet(num_classes, in_channels)
 
 
+def test_a_compiled_channels_last_model_on_the_op_matches_eager():
+    """torch.compile (inductor) traces the op through its fake kernels: loss and every gradient
+    of a compiled channels_last model equal the eager ones. (A channels_last model has
+    channels_last weights, and the fake weight gradient must state the real one's strides, which
+    opcheck on a contiguous weight does not see.)"""
+    torch.manual_seed(0)
+    model = SmallNet().to(memory_format=torch.channels_last)
+    pruner = ClickTrainPruner(model, PruningConfig(connectivity_ratio=0.7, block_size=16, importance_batches=1))
+    x, y = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.arange(8)
+    pruner.select(model, [(x, y)], nn.functional.cross_entropy)
+    pruner.harden(torch.optim.SGD(model.parameters(), lr=0.1))
+    install(model, pruner.pattern_layers(), pruner.library.numpy(), x, len(x), force=True)
+    model.train()
+    grads = {}
+    for name, run in (("eager", model), ("compiled", torch.compile(model))):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        grads[name] = [float(loss)] + [p.grad.clone() for p in model.parameters()]
+    assert grads["eager"][0] == pytest.approx(grads["compiled"][0], rel=1e-5)
+    for eager, compiled in zip(grads["eager"][1:], grads["compiled"][1:]):
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
+
+
 def test_hard_phase_on_the_op_keeps_masks_and_loss_curve_over_50_steps(fmnist):
     """Float32 sums in another order drift apart over SGD steps; torch itself drifts that way
     between its contiguous and channels_last convs. The op's curve stays as close to torch's as

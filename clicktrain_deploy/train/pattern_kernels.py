@@ -186,7 +186,8 @@ def pattern_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, layer: int)
 
 @pattern_conv2d_backward.register_fake
 def _(grad: Tensor, x: Tensor, weight: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
+    # dW is contiguous whatever the weight's format (a channels_last model has channels_last weights)
+    return torch.empty_like(x, memory_format=torch.channels_last), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
