@@ -2,7 +2,9 @@
 onnxruntime, the sm_90 library built with nvcc, presets and errors; GPU runs where a GPU exists."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import onnx
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 from clicktrain_deploy.cli import app
 from clicktrain_deploy.compile.build import compile_model
 from clicktrain_deploy.compile.conv_kernels import (
-    all_taps, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
+    all_taps, compact_order, compact_weights, connectivity_assignment, library_taps, pattern_assignment,
 )
 from clicktrain_deploy.compile.cuda.kernels import (
     CudaConvSpec, avgpool_cuda_tvmscript, conv_cuda_tvmscript, cuda_covers, cuda_schedule, dense_cuda_tvmscript,
@@ -22,7 +24,14 @@ from clicktrain_deploy.compile.cuda.kernels import (
 )
 from clicktrain_deploy.compile.build import lower_model
 from clicktrain_deploy.compile.cuda.lower import CudaConvKernels
-from clicktrain_deploy.compile.cuda.toolchain import build_emulated, embedded_fatbins, gpu_present, run_on_cuda
+from clicktrain_deploy.compile.cuda.toolchain import (
+    build_cuda_kernels, build_emulated, embedded_fatbins, gpu_present, run_on_cuda,
+)
+from clicktrain_deploy.compile.cuda.train_kernels import (
+    conv_input_grad_cuda_tvmscript, conv_weight_grad_cuda_tvmscript, entry_owners, tap_table,
+    weight_grad_sum_cuda_tvmscript,
+)
+from clicktrain_deploy.compile.train_kernels import transposed_entries
 from clicktrain_deploy.compile.errors import CompileError
 from clicktrain_deploy.compile.frontend import import_onnx
 from clicktrain_deploy.compile.passes import rewrite_convs
@@ -143,6 +152,82 @@ def test_gpu_conv_kernels_keep_accumulators_in_registers():
         tvm.compile(tvm.IRModule(funcs), target=target)
     assert len(built) == 1 and built[0]["spill_bytes"] == 0
     assert 32 < built[0]["max_registers"] <= 255
+
+
+def _training_spec(out_channels, in_channels, size, stride, block, batch, removed):
+    """A pattern conv's GPU training spec, its compact tables and weights, as the op builds them."""
+    weight, ids = _pattern_weight(out_channels, in_channels, block, removed, seed=out_channels + batch)
+    lanes = math.gcd(16, block)
+    assign = pattern_assignment(ids, block, out_channels, lanes)
+    base = CudaConvSpec(in_channels=in_channels, out_channels=out_channels, height=size[0], width=size[1],
+                        in_lanes=1, lanes=lanes, groups=library_taps(LIBRARY), entries=0, stride=(stride, stride),
+                        batch=batch)
+    ptr, coff, index = compact_order(assign, base)
+    most = int(np.diff(ptr[:: len(base.groups)]).max(initial=0))
+    spec = dataclasses.replace(base, entries=int(ptr[-1]),
+                               **cuda_schedule(*base.out_hw, stride, max(1, 32 // lanes), max(most, 1)))
+    wv = np.where(index >= 0, weight.reshape(-1)[np.maximum(index, 0)], 0).astype(np.float32)
+    return weight, spec, ptr, coff, index, wv
+
+
+@pytest.mark.parametrize("out_channels,in_channels,size,stride,block,batch,removed", [
+    (16, 16, (8, 8), 1, 16, 2, 0.7),       # one block of 16 lanes
+    (32, 12, (9, 7), 2, 16, 3, 0.6),       # stride 2 on odd sizes: taps that reach only some pixels
+    (24, 12, (7, 9), 1, 4, 2, 0.5),        # B = 4: 4 lanes
+    (10, 5, (6, 5), 2, 2, 2, 0.5),         # B = 2, odd channels
+    (48, 16, (6, 7), 2, 16, 1, 1.0),       # batch 1, every kernel removed: zeros
+])
+def test_gpu_training_kernels_match_torch_gradients(out_channels, in_channels, size, stride, block, batch, removed):
+    """The GPU forward, weight gradient (per image, then summed) and input gradient of a pattern
+    conv, emulated on this CPU, against torch's float64 conv and its gradients on the masked weight."""
+    weight, spec, ptr, coff, index, wv = _training_spec(out_channels, in_channels, size, stride, block, batch,
+                                                        removed)
+    sources = {"fwd": conv_cuda_tvmscript(spec, "fwd", emulate=True),
+               "wpart": conv_weight_grad_cuda_tvmscript(spec, "wpart", emulate=True),
+               "wsum": weight_grad_sum_cuda_tvmscript(spec, "wsum", emulate=True),
+               "dgrad": conv_input_grad_cuda_tvmscript(spec, "dgrad", emulate=True)}
+    kernels = build_emulated(tvm.IRModule({k: tvm.script.from_source(v) for k, v in sources.items()})).jit()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, in_channels, *size)).astype(np.float32)
+    dy = rng.standard_normal((batch, out_channels, *spec.out_hw)).astype(np.float32)
+    tensor = tvm.runtime.tensor
+    slots = max(spec.entries, 1) * len(spec.groups[0]) * spec.lanes
+    y, dx = tensor(np.zeros(dy.shape, np.float32)), tensor(np.zeros_like(x))
+    partial, dwv = tensor(np.zeros((batch, slots), np.float32)), tensor(np.zeros(slots, np.float32))
+    kernels["fwd"](tensor(x), tensor(ptr), tensor(coff), tensor(wv),
+                   tensor(np.zeros((spec.out_blocks, spec.lanes), np.float32)), y)
+    kernels["wpart"](tensor(x), tensor(dy), tensor(entry_owners(ptr, spec)), tensor(coff), tensor(tap_table(spec)),
+                     partial)
+    kernels["wsum"](partial, dwv)
+    kernels["dgrad"](tensor(dy), *[tensor(a) for a in transposed_entries(ptr, coff, spec)], tensor(wv), dx)
+
+    x64 = torch.from_numpy(x).double().requires_grad_()
+    w64 = torch.from_numpy(weight).double().requires_grad_()
+    y64 = torch.nn.functional.conv2d(x64, w64, stride=stride, padding=1)
+    y64.backward(torch.from_numpy(dy).double())
+    dw = np.zeros(weight.size)
+    dw[index[index >= 0]] = dwv.numpy()[index >= 0]
+    kept = (weight != 0).reshape(weight.shape)
+    np.testing.assert_allclose(y.numpy(), y64.detach().numpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dx.numpy(), x64.grad.numpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw.reshape(weight.shape), (w64.grad * torch.from_numpy(kept)).numpy(),
+                               atol=5e-5, rtol=1e-5)
+    if removed < 1:
+        assert np.abs(dw.reshape(weight.shape)[kept]).min() > 0  # every kept tap got its gradient
+    assert not np.abs(partial.numpy()[:, ~(index >= 0)]).any()  # padded lanes stay zero
+
+
+def test_gpu_training_kernels_build_with_nvcc_without_spills():
+    """The op's four GPU kernels for a ResNet-20 stage-1 layer at batch 128, built for sm_90 with
+    nvcc into one device module: no spills to local memory."""
+    _, spec, *_ = _training_spec(16, 16, (28, 28), 1, 16, 128, 0.72)
+    sources = {"forward": conv_cuda_tvmscript(spec, "forward"),
+               "wpart": conv_weight_grad_cuda_tvmscript(spec, "wpart"),
+               "wsum": weight_grad_sum_cuda_tvmscript(spec, "wsum"),
+               "dgrad": conv_input_grad_cuda_tvmscript(spec, "dgrad")}
+    module, report = build_cuda_kernels(sources, "sm_90")
+    assert report["spill_bytes"] == 0 and report["fatbin_bytes"] > 0
+    assert all(module.implements_function(name) for name in sources)
 
 
 def test_gpu_pool_and_classifier_kernels_match_torch():

@@ -15,7 +15,7 @@ from clicktrain_deploy.pruning.clicktrain import ClickTrainPruner
 from clicktrain_deploy.pruning.config import PruningConfig
 from clicktrain_deploy.pruning.patterns import PATTERN_LIBRARIES
 from clicktrain_deploy.train.pattern_kernels import (
-    PatternConvKernels, PatternKernelConv2d, install, pattern_conv2d, register_layer,
+    PatternConvKernels, PatternKernelConv2d, install, pattern_conv2d, pattern_layer_kernels, register_layer,
 )
 
 from .conftest import small_recipe
@@ -36,6 +36,10 @@ def _masked_conv(out_channels, in_channels, stride, block, removed, seed, lanes=
     return conv, ids, torch.from_numpy(mask.reshape(conv.weight.shape))
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU for torch on this machine")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("out_channels,in_channels,size,stride,block,batch,removed", [
     (16, 16, (8, 8), 1, 16, 2, 0.7),       # one block of 16 lanes
     (32, 12, (9, 7), 2, 16, 3, 0.6),       # stride 2 on odd sizes: every parity class of dX
@@ -45,15 +49,18 @@ def _masked_conv(out_channels, in_channels, stride, block, removed, seed, lanes=
     (48, 16, (6, 7), 2, 16, 1, 0.7),       # batch 1, a fully removed block
 ])
 def test_forward_and_both_gradients_match_torch_on_masked_weights(out_channels, in_channels, size, stride, block,
-                                                                  batch, removed):
+                                                                  batch, removed, device):
+    """On the CPU (channels_last) and, where torch has a GPU, on CUDA (NCHW)."""
     conv, ids, mask = _masked_conv(out_channels, in_channels, stride, block, removed, seed=out_channels + batch)
     if out_channels == 48:
         ids[1] = -1
         with torch.no_grad():
             conv.weight[16:32] = 0
         mask[16:32] = 0
-    layer = register_layer(PatternConvKernels(conv, ids, LIBRARY, block, *size))
-    x = torch.randn(batch, in_channels, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kernels = pattern_layer_kernels(conv.to(device), ids, LIBRARY, block, *size)
+    layer = register_layer(kernels)
+    x = torch.randn(batch, in_channels, *size, device=device).contiguous(
+        memory_format=kernels.memory_format).requires_grad_()
     weight = conv.weight.detach().clone().requires_grad_()
     y = pattern_conv2d(x, weight, layer)
     grad = torch.randn_like(y)
@@ -62,7 +69,9 @@ def test_forward_and_both_gradients_match_torch_on_masked_weights(out_channels, 
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     y64 = nn.functional.conv2d(x64, w64, stride=stride, padding=1)
     y64.backward(grad.double())
-    assert y.shape == y64.shape and y.is_contiguous(memory_format=torch.channels_last)
+    mask = mask.to(device)
+    assert y.shape == y64.shape and y.is_contiguous(memory_format=kernels.memory_format)
+    assert y.device == x.grad.device == weight.grad.device == x.device
     scale = lambda ref: 1e-5 * max(1.0, float(ref.detach().abs().max()))  # noqa: E731 (float32 sums of ~100 terms)
     assert float((y.detach().double() - y64.detach()).abs().max()) <= scale(y64)
     assert float((x.grad.double() - x64.grad).abs().max()) <= scale(x64.grad)
@@ -88,6 +97,20 @@ def test_the_op_passes_torch_library_opcheck():
     layer = register_layer(PatternConvKernels(conv, ids, LIBRARY, 16, 6, 6))
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(pattern_conv2d, (x, conv.weight.detach().clone().requires_grad_(), layer))
+
+
+def test_install_keeps_a_layer_whose_kernels_disagree_with_torch_on_torch(monkeypatch):
+    """A kernel that computes the wrong thing (here: fed weights twice too large) is caught by the
+    check against torch's conv at install: the layer stays on torch, its reason gives the
+    difference, and a warning says so."""
+    conv, ids, _ = _masked_conv(16, 8, 1, 16, 0.5, seed=3)
+    model = nn.Sequential(conv)
+    monkeypatch.setattr(PatternConvKernels, "compact", lambda self, w: 2 * w.detach().reshape(-1)[self.gather]
+                        * self.valid)
+    with pytest.warns(RuntimeWarning, match="differs from torch"):
+        decisions = install(model, {"0": (conv, ids, 16)}, LIBRARY, torch.randn(4, 8, 6, 6), batch=4, force=True)
+    assert not decisions[0].used and "differs from torch's conv by" in decisions[0].reason
+    assert not model[0].use_pattern_kernels
 
 
 def test_install_names_why_a_conv_stays_on_torch():

@@ -229,7 +229,8 @@ def test_stage_code_is_what_its_factory_imports_transitively():
             "clicktrain_deploy.models.resnet"} <= closure("train", training_kernels)
     # training runs the kernel generators only with schedule.sparse_kernels (the stage says so)
     assert kernels not in closure("train", training_kernels) and kernels not in closure("export", training_kernels)
-    assert {kernels, "clicktrain_deploy.compile.train_kernels"} <= closure("train")
+    assert {kernels, "clicktrain_deploy.compile.train_kernels", "clicktrain_deploy.compile.cuda.train_kernels"} \
+        <= closure("train")
     recipe = parse_recipe({"schedule": {"sparse_kernels": False}})
     folder = RunFolder(Path("unused"))
     assert STAGE_KINDS.get("train")(recipe, folder).unused_code == training_kernels

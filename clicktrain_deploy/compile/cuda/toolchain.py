@@ -158,6 +158,20 @@ def build_cuda(module: tvm.IRModule, target: TargetSpec) -> tuple[relax.Executab
     return executable, {"arch": arch, "nvcc": version, "kernels": kernels, **built[0]}
 
 
+def build_cuda_kernels(functions: dict[str, str], arch: str) -> tuple[tvm.runtime.Module, dict]:
+    """Compile TVMScript prim_funcs (name -> source) for the GPU ``arch`` with nvcc: the loaded
+    module, whose functions take DLPack tensors on that GPU (training's kernels, called from
+    torch), and ptxas' report (``nvcc_fatbin``)."""
+    load_cuda_backend()
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    module = tvm.IRModule({name: tvm.script.from_source(text) for name, text in functions.items()})
+    with nvcc_device_compiler(arch) as built:
+        executable = tvm.compile(module, target=target)
+    if len(built) != 1:
+        raise CompileError(f"{arch}: nvcc built {len(built)} device modules, expected 1")
+    return executable.jit(), built[0]
+
+
 def embedded_fatbins(library: str | Path) -> int:
     """How many CUDA fatbins a built ``.so`` embeds (0: no device code)."""
     return Path(library).read_bytes().count(FATBIN_MAGIC)
