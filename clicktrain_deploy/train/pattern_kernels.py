@@ -398,7 +398,7 @@ def _gradients(conv, x: Tensor, weight: Tensor, grad: Tensor) -> tuple[Tensor, T
     dx, dw = torch.autograd.grad(y, (x, weight), grad)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
-    return y, dx, dw
+    return y.detach(), dx, dw
 
 
 def _disagreement(ours: tuple, reference: tuple, kept: Tensor) -> float:
