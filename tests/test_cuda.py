@@ -28,10 +28,9 @@ from clicktrain_deploy.compile.cuda.toolchain import (
     build_cuda_kernels, build_emulated, embedded_fatbins, gpu_present, run_on_cuda,
 )
 from clicktrain_deploy.compile.cuda.train_kernels import (
-    conv_input_grad_cuda_tvmscript, conv_weight_grad_cuda_tvmscript, entry_owners, tap_table,
-    weight_grad_sum_cuda_tvmscript,
+    conv_input_grad_cuda_tvmscript, conv_weight_grad_cuda_tvmscript, tap_table, weight_grad_sum_cuda_tvmscript,
 )
-from clicktrain_deploy.compile.train_kernels import transposed_entries
+from clicktrain_deploy.compile.train_kernels import entry_owners, transposed_entries
 from clicktrain_deploy.compile.errors import CompileError
 from clicktrain_deploy.compile.frontend import import_onnx
 from clicktrain_deploy.compile.passes import rewrite_convs

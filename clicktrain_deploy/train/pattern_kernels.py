@@ -37,10 +37,10 @@ from ..compile.conv_kernels import ConvSpec, choose_tile, compact_order, conv_tv
     pattern_assignment
 from ..compile.cuda.kernels import CudaConvSpec, conv_cuda_tvmscript, cuda_covers, cuda_schedule
 from ..compile.cuda.train_kernels import conv_input_grad_cuda_tvmscript, conv_weight_grad_cuda_tvmscript, \
-    entry_owners, tap_table, weight_grad_sum_cuda_tvmscript
+    tap_table, weight_grad_sum_cuda_tvmscript
 from ..compile.targets import TARGETS, WIDE_TILES
-from ..compile.train_kernels import conv_input_grad_tvmscript, conv_weight_grad_tvmscript, tap_offsets, \
-    transposed_entries
+from ..compile.train_kernels import conv_input_grad_tvmscript, conv_weight_grad_tvmscript, entry_owners, \
+    tap_offsets, transposed_entries
 
 
 def host_target() -> tvm.target.Target:
@@ -166,7 +166,8 @@ class PatternConvKernels(_PatternLayer):
         self._index(index, torch.device("cpu"))
         ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
         self.tables = {name: tvm.runtime.tensor(a) for name, a in {
-            "ptr": ptr, "coff": coff, "toff": tap_offsets(ptr, coff, self.spec), "ptrT": ptr_t, "obT": ob_t,
+            "ptr": ptr, "coff": coff, "owner": entry_owners(ptr, self.spec), "toff": tap_offsets(ptr, coff, self.spec),
+            "ptrT": ptr_t, "obT": ob_t,
             "kfw": kfw, "bias": np.zeros((self.spec.out_blocks, self.lanes), np.float32)}.items()}
 
     def kernels(self, batch: int) -> tuple:
@@ -192,7 +193,7 @@ class PatternConvKernels(_PatternLayer):
         dy = _tvm(grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1))
         t = self.tables
         dwv = torch.empty(self.valid.shape, dtype=torch.float32)
-        grad_weight(_tvm(x.permute(0, 2, 3, 1)), dy, t["ptr"], t["toff"], _tvm(dwv))
+        grad_weight(_tvm(x.permute(0, 2, 3, 1)), dy, t["owner"], t["toff"], _tvm(dwv))
         dx = torch.empty((n, x.shape[2], x.shape[3], x.shape[1]), dtype=x.dtype)
         grad_input(dy, t["ptrT"], t["obT"], t["kfw"], _tvm(self.compact(weight)), _tvm(dx))
         return dx.permute(0, 3, 1, 2), self.expand(dwv, weight)
