@@ -162,7 +162,7 @@ def test_a_compiled_channels_last_model_on_the_op_matches_eager():
         model.zero_grad()
         loss = nn.functional.cross_entropy(run(x), y)
         loss.backward()
-        grads[name] = [float(loss)] + [p.grad.clone() for p in model.parameters()]
+        grads[name] = [float(loss.detach())] + [p.grad.clone() for p in model.parameters()]
     assert grads["eager"][0] == pytest.approx(grads["compiled"][0], rel=1e-5)
     for eager, compiled in zip(grads["eager"][1:], grads["compiled"][1:]):
         assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
