@@ -80,6 +80,23 @@ def step_times(variants: dict, batches: list, rounds: int) -> dict[str, dict]:
     return {name: {"ms_per_step": statistics.median(t), "rounds_ms": t} for name, t in times.items()}
 
 
+def profiles(variants: dict, batches: list, rows: int = 12) -> str:
+    """Per variant, torch.profiler's table of one round's ops by self CPU time (our kernels run
+    inside ``clicktrain::pattern_conv2d`` and its backward): where each step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = []
+    for name, (model, optimizer, pruner, phase, fmt) in variants.items():
+        model.train()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for inputs, labels in batches:
+                logits = model(inputs.contiguous(memory_format=fmt))
+                optimizer_step(nn.functional.cross_entropy(logits, labels), optimizer, pruner, phase)
+        tables.append(f"## {name} ({len(batches)} steps)\n\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n\n".join(tables) + "\n"
+
+
 def markdown(result: dict) -> str:
     steps = result["steps"]
     dense = {k: v["ms_per_step"] for k, v in steps.items() if k.startswith("dense")}
@@ -112,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/sparse_training_t<threads>")
+    parser.add_argument("--profile", action="store_true", help="also write <out>_profile.txt: each variant's ops")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -131,6 +149,8 @@ def main() -> None:
     out = args.out or Path(f"benchmarks/results/sparse_training_t{args.threads}")
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), markdown(result))
+    if args.profile:
+        atomic_write_text(out.with_name(out.name + "_profile.txt"), profiles(variants, batches))
     print(markdown(result))
     print(json.dumps({k: v["ms_per_step"] for k, v in result["steps"].items()}))
 
