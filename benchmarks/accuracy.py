@@ -193,6 +193,15 @@ STUDIES: list[Study] = [
         Row("s10-clicktrain-kernels", {"schedule.memory_format": "channels_last", "schedule.sparse_kernels": True},
             note="main recipe; pattern convs on our kernels from the hard prune where measured faster"),
     )),
+    # the same pair on AMD EPYC (wall times compare only within one CPU, side by side)
+    Study("sparse_training_epyc", "Issue #16 on AMD EPYC: the sparse_training pair re-run side by side, "
+          "1 thread each, seed 0", (
+        Row("s10-dense-cl-rerun", {**DENSE, "schedule.memory_format": "channels_last"},
+            note="s10-dense-cl's recipe, on this CPU"),
+        Row("s10-clicktrain-kernels-rerun", {"schedule.memory_format": "channels_last",
+                                             "schedule.sparse_kernels": True},
+            note="s10-clicktrain-kernels' recipe, on this CPU (today's kernels)"),
+    )),
 ]
 
 
