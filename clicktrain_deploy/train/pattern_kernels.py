@@ -210,6 +210,9 @@ class CudaPatternConvKernels(_PatternLayer):
 
     def __init__(self, module: nn.Conv2d, pattern_ids: np.ndarray, library: np.ndarray, block_size: int,
                  height: int, width: int) -> None:
+        from ..compile.cuda.toolchain import load_cuda_backend  # before any CUDA tensor reaches TVM
+
+        load_cuda_backend()
         device = module.weight.device
         self.lanes = math.gcd(CUDA_LANES, block_size)
         oc, ic = module.out_channels, module.in_channels
