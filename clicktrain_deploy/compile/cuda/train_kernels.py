@@ -7,7 +7,7 @@ T taps x L lanes per entry), each thread computing one output value:
 
   X       (N, IC, H, W)        the forward's input
   dY      (N, OC, OH, OW)      output gradient
-  owner   (NK,) int32          ob * G + g of each entry: its output block and tap group (``entry_owners``)
+  owner   (NK,) int32          ob * G + g of each entry: its output block and tap group (``train_kernels.entry_owners``)
   coff    (NK,) int32          its input channel
   taps    (G * T * 2,) int32   (dy, dx) of tap t of group g at 2 * (g * T + t)
   partial (N, NK * T * L)      per image, the weight gradient of its pixels
@@ -28,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..conv_kernels import ConvSpec
-from ..train_kernels import entry_owners
 from .kernels import _elementwise
 
 
