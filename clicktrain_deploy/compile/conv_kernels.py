@@ -377,9 +377,7 @@ def conv_tvmscript(spec: ConvSpec, name: str) -> str:
     ph, pw = spec.padded_hw
     xw, ry = spec.effective_tile()
     row_tiles, col_tiles = math.ceil(oh / ry), math.ceil(ow / xw)
-    taps = len(spec.groups[0])
-    if any(len(g) != taps for g in spec.groups):
-        raise ValueError("every tap group of one conv must have the same number of taps")
+    taps = group_taps(spec)
     ngroups, entries, ocb, icb = len(spec.groups), max(spec.entries, 1), spec.out_blocks, spec.in_blocks
     obt = min(spec.out_tile, ocb)
     if obt > 1 and not spec.full_dense:
@@ -611,6 +609,14 @@ def depthwise_tvmscript(spec: DepthwiseSpec, name: str) -> str:
             f"{ind}        Y[{index}] = {value}",
         ]
     return "\n".join(lines)
+
+
+def group_taps(spec: ConvSpec) -> int:
+    """T, the taps of each of ``spec``'s tap groups (the kernels give every group as many)."""
+    taps = len(spec.groups[0])
+    if any(len(g) != taps for g in spec.groups):
+        raise ValueError("every tap group of one conv must have the same number of taps")
+    return taps
 
 
 def library_taps(library: np.ndarray) -> tuple[tuple[Tap, ...], ...]:

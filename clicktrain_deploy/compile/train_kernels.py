@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from .conv_kernels import ATTRS, ConvSpec, _check_geometry, _padded_row
+from .conv_kernels import ATTRS, ConvSpec, _check_geometry, _padded_row, group_taps
 
 
 def transposed_entries(ptr: np.ndarray, coff: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ...]:
@@ -56,8 +56,7 @@ def _check_training_spec(spec: ConvSpec) -> None:
     if spec.in_lanes != spec.in_channels or not spec.channels_last_out or spec.epilogue:
         raise ValueError("training kernels read channels_last: in_lanes = in_channels, channels_last_out, "
                          "no epilogue")
-    if any(len(g) != len(spec.groups[0]) for g in spec.groups):
-        raise ValueError("every tap group of one conv must have the same number of taps")
+    group_taps(spec)
 
 
 def entry_owners(ptr: np.ndarray, spec: ConvSpec) -> np.ndarray:

@@ -120,8 +120,20 @@ class _PatternLayer:
     lanes), and the tensor layout the kernels read and write (``memory_format``)."""
 
     memory_format: torch.memory_format
+    lanes: int
     out_hw: tuple[int, int]
     out_channels: int
+
+    def _entries(self, module: nn.Conv2d, pattern_ids: np.ndarray, library: np.ndarray, block_size: int,
+                 spec_type: type, **fields) -> tuple:
+        """(spec without entries, ptr, coff, index): ``compact_order`` of the conv on ``self.lanes``
+        lanes, its spec of ``spec_type`` with the device's ``fields``."""
+        assign = pattern_assignment(np.asarray(pattern_ids), block_size, module.out_channels, self.lanes)
+        ph, pw = module.padding
+        base = spec_type(in_channels=module.in_channels, out_channels=module.out_channels, lanes=self.lanes,
+                         groups=library_taps(np.asarray(library, bool)), entries=0, stride=module.stride,
+                         padding=(ph, pw, ph, pw), dilation=module.dilation, **fields)
+        return (base, *compact_order(assign, base))
 
     def _index(self, index: np.ndarray, device: torch.device) -> None:
         self.gather = torch.from_numpy(np.maximum(index, 0)).to(device)
@@ -152,17 +164,11 @@ class PatternConvKernels(_PatternLayer):
     def __init__(self, module: nn.Conv2d, pattern_ids: np.ndarray, library: np.ndarray, block_size: int,
                  height: int, width: int, lanes: int | None = None) -> None:
         self.lanes = math.gcd(lanes or host_lanes(), block_size)
-        oc, ic = module.out_channels, module.in_channels
-        assign = pattern_assignment(np.asarray(pattern_ids), block_size, oc, self.lanes)
-        ph, pw = module.padding
-        base = ConvSpec(in_channels=ic, out_channels=oc, height=height, width=width, in_lanes=ic,
-                        lanes=self.lanes, groups=library_taps(np.asarray(library, bool)), entries=0,
-                        stride=module.stride, padding=(ph, pw, ph, pw), dilation=module.dilation,
-                        channels_last_out=True)
-        ptr, coff, index = compact_order(assign, base)
+        base, ptr, coff, index = self._entries(module, pattern_ids, library, block_size, ConvSpec, height=height,
+                                               width=width, in_lanes=module.in_channels, channels_last_out=True)
         self.spec = dataclasses.replace(base, entries=int(ptr[-1]), tile=choose_tile(
             *base.out_hw, WIDE_TILES))
-        self.out_hw, self.out_channels = self.spec.out_hw, oc
+        self.out_hw, self.out_channels = self.spec.out_hw, module.out_channels
         self._index(index, torch.device("cpu"))
         ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
         self.tables = {name: tvm.runtime.tensor(a) for name, a in {
@@ -215,26 +221,21 @@ class CudaPatternConvKernels(_PatternLayer):
         load_cuda_backend()
         device = module.weight.device
         self.lanes = math.gcd(CUDA_LANES, block_size)
-        oc, ic = module.out_channels, module.in_channels
-        assign = pattern_assignment(np.asarray(pattern_ids), block_size, oc, self.lanes)
-        ph, pw = module.padding
-        base = CudaConvSpec(in_channels=ic, out_channels=oc, height=height, width=width, in_lanes=1,
-                            lanes=self.lanes, groups=library_taps(np.asarray(library, bool)), entries=0,
-                            stride=module.stride, padding=(ph, pw, ph, pw), dilation=module.dilation)
-        ptr, coff, index = compact_order(assign, base)
+        base, ptr, coff, index = self._entries(module, pattern_ids, library, block_size, CudaConvSpec, height=height,
+                                               width=width, in_lanes=1)
         most = int(np.diff(ptr[:: len(base.groups)]).max(initial=0))
         self.spec = dataclasses.replace(base, entries=int(ptr[-1]), **cuda_schedule(
             *base.out_hw, module.stride, max(1, 32 // self.lanes), max(most, 1)))
-        self.out_hw, self.out_channels = self.spec.out_hw, oc
+        self.out_hw, self.out_channels = self.spec.out_hw, module.out_channels
         major, minor = torch.cuda.get_device_capability(device)
-        self.arch, self.device = f"sm_{major}{minor}", device
+        self.arch = f"sm_{major}{minor}"
         self._index(index, device)
         ptr_t, ob_t, kfw = transposed_entries(ptr, coff, self.spec)
-        self._tables = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in {
+        # a TVM view of a torch tensor (DLPack) keeps the tensor alive
+        self.tables = {name: _tvm(torch.from_numpy(np.ascontiguousarray(a)).to(device)) for name, a in {
             "ptr": ptr, "coff": coff, "owner": entry_owners(ptr, self.spec), "taps": tap_table(self.spec),
             "ptrT": ptr_t, "obT": ob_t, "kfw": kfw,
             "bias": np.zeros((self.spec.out_blocks, self.lanes), np.float32)}.items()}
-        self.tables = {name: _tvm(a) for name, a in self._tables.items()}
 
     def kernels(self, batch: int) -> tuple:
         return compiled_cuda_kernels(dataclasses.replace(self.spec, batch=batch), self.arch)
@@ -290,7 +291,8 @@ def register_layer(kernels: _PatternLayer) -> int:
 
 @torch.library.custom_op("clicktrain::pattern_conv2d", mutates_args=())
 def pattern_conv2d(x: Tensor, weight: Tensor, layer: int) -> Tensor:
-    """The pattern-sparse conv of registered layer ``layer``: channels_last in and out."""
+    """The pattern-sparse conv of registered layer ``layer``, in and out in its kernels'
+    ``memory_format`` (channels_last on the CPU, contiguous NCHW on a GPU)."""
     return _LAYERS[layer].forward(x, weight)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..conv_kernels import ConvSpec, epilogue_expression
+from ..conv_kernels import ConvSpec, epilogue_expression, group_taps
 
 ATTRS = ("T.func_attr({{'tirx.noalias': True, 'global_symbol': '{name}', 'op_pattern': 8, "
          "'tirx.is_scheduled': True}})")
@@ -148,9 +148,7 @@ def conv_cuda_tvmscript(spec: CudaConvSpec, name: str, emulate: bool = False) ->
     by = th // py
     nt = spec.threads
     rows, cols = spec.input_tile
-    taps = len(spec.groups[0])
-    if any(len(g) != taps for g in spec.groups):
-        raise ValueError("every tap group of one conv must have the same number of taps")
+    taps = group_taps(spec)
     if th % py:
         raise ValueError(f"tile height {th} is not a multiple of {py} rows per thread")
     ck = spec.chunk

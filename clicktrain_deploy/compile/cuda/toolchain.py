@@ -139,37 +139,37 @@ def nvcc_device_compiler(arch: str) -> Iterator[list[dict]]:
             tvm_ffi.remove_global_func(COMPILE_CALLBACK)
 
 
+def _compile_with_nvcc(module: tvm.IRModule, tvm_target: tvm.target.Target, arch: str, name: str, **options):
+    """``tvm.compile`` with nvcc building the device code; returns the executable and ptxas'
+    report. Fails loudly unless nvcc produced exactly one device module: a library holding only
+    CUDA source (what TVM falls back to without its CUDA backend) cannot be loaded by any runtime."""
+    load_cuda_backend()
+    with nvcc_device_compiler(arch) as built, tvm_target:
+        executable = tvm.compile(module, target=tvm_target, **options)
+    if len(built) != 1:
+        raise CompileError(f"{name}: nvcc built {len(built)} device modules, expected 1")
+    return executable, built[0]
+
+
 def build_cuda(module: tvm.IRModule, target: TargetSpec) -> tuple[relax.Executable, dict]:
     """Compile a lowered, scheduled module for a CUDA target; returns the executable and what
-    was built.
-
-    Fails loudly unless nvcc produced device code: a library holding only CUDA source (what TVM
-    falls back to without its CUDA backend) cannot be loaded by any runtime.
-    """
+    was built (``_compile_with_nvcc``)."""
     version = nvcc_version()
-    load_cuda_backend()
-    tvm_target = tvm.target.Target(target.tvm_target)
     arch = target.tvm_target["arch"]
-    with nvcc_device_compiler(arch) as built, tvm_target:
-        executable = tvm.compile(module, target=tvm_target, relax_pipeline=finalize_pipeline())
-    if len(built) != 1:
-        raise CompileError(f"{target.name}: nvcc built {len(built)} device modules, expected 1")
+    executable, report = _compile_with_nvcc(module, tvm.target.Target(target.tvm_target), arch, target.name,
+                                            relax_pipeline=finalize_pipeline())
     kernels = sum(isinstance(f, tvm.tirx.PrimFunc) for f in module.functions.values())
-    return executable, {"arch": arch, "nvcc": version, "kernels": kernels, **built[0]}
+    return executable, {"arch": arch, "nvcc": version, "kernels": kernels, **report}
 
 
 def build_cuda_kernels(functions: dict[str, str], arch: str) -> tuple[tvm.runtime.Module, dict]:
     """Compile TVMScript prim_funcs (name -> source) for the GPU ``arch`` with nvcc: the loaded
     module, whose functions take DLPack tensors on that GPU (training's kernels, called from
     torch), and ptxas' report (``nvcc_fatbin``)."""
-    load_cuda_backend()
-    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
     module = tvm.IRModule({name: tvm.script.from_source(text) for name, text in functions.items()})
-    with nvcc_device_compiler(arch) as built:
-        executable = tvm.compile(module, target=target)
-    if len(built) != 1:
-        raise CompileError(f"{arch}: nvcc built {len(built)} device modules, expected 1")
-    return executable.jit(), built[0]
+    tvm_target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    executable, report = _compile_with_nvcc(module, tvm_target, arch, arch)
+    return executable.jit(), report
 
 
 def embedded_fatbins(library: str | Path) -> int:

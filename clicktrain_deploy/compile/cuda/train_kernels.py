@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..conv_kernels import ConvSpec
+from ..conv_kernels import ConvSpec, group_taps
 from .kernels import _elementwise
 
 
@@ -37,12 +37,10 @@ def tap_table(spec: ConvSpec) -> np.ndarray:
 
 
 def _check(spec: ConvSpec) -> tuple[int, int]:
-    taps = len(spec.groups[0])
-    if any(len(g) != taps for g in spec.groups):
-        raise ValueError("every tap group of one conv must have the same number of taps")
+    """(T, NK) of a GPU training kernel's spec, which reads NCHW and has no epilogue."""
     if spec.in_lanes != 1 or spec.epilogue:
         raise ValueError("GPU training kernels read NCHW (in_lanes 1) and take no epilogue")
-    return taps, max(spec.entries, 1)
+    return group_taps(spec), max(spec.entries, 1)
 
 
 def conv_weight_grad_cuda_tvmscript(spec: ConvSpec, name: str, emulate: bool = False) -> str:
